@@ -1,0 +1,124 @@
+//! Shared access to kernel memory and to the counters: offsets come from the agent
+//! (`LAYOUT`, resolved at start-up from the running kernel's BTF and format files).
+
+use agent_common::{FIELD_ABSENT, KernelLayout, ListenPortKey, PORT_OTHER, WATCH_PORT_WORDS};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_probe_read_kernel,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+
+/// Field offsets of the running kernel, written by the agent before load.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout::ABSENT;
+
+/// Listening ports per network namespace: filled here on every move to LISTEN, seeded and
+/// pruned by the agent from sock_diag.
+#[map]
+pub static LISTEN_PORTS: HashMap<ListenPortKey, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Ports whose label is never folded (`--watch.ports`), one bit per port.
+#[map]
+static WATCH_PORTS: Array<u64> = Array::with_max_entries(WATCH_PORT_WORDS, 0);
+
+/// In-kernel map updates that failed, per map (`agent_common::map_error`).
+#[map]
+static MAP_ERRORS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::map_error::COUNT, 0);
+
+/// Reads one field of the layout. `read_volatile` keeps the compiler from folding the
+/// build-time value: the agent rewrites it before the programs load.
+#[inline(always)]
+pub fn layout<F: Copy + 'static>(field: impl FnOnce(&'static KernelLayout) -> &'static F) -> F {
+    // SAFETY: LAYOUT is a valid static; volatile only prevents constant folding.
+    unsafe { core::ptr::read_volatile(field(&LAYOUT)) }
+}
+
+/// Reads a `T` from a tracepoint record at `offset`, if the field exists.
+#[inline(always)]
+pub fn record<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    if offset == FIELD_ABSENT {
+        return None;
+    }
+    // SAFETY: the offset comes from this kernel's format file; the read is checked.
+    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+/// Reads a `T` from kernel memory at `base + offset`.
+#[inline(always)]
+pub fn kread<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == FIELD_ABSENT {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault returns an error.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+/// Network namespace inode of a socket (`sock_common`, so request and timewait sockets too).
+#[inline(always)]
+pub fn sk_netns(sk: u64) -> u32 {
+    let net: u64 = kread(sk, layout(|l| &l.sk_net)).unwrap_or(0);
+    kread(net, layout(|l| &l.net_inum)).unwrap_or(0)
+}
+
+/// Network namespace inode of a packet's device.
+#[inline(always)]
+pub fn skb_netns(skb: u64) -> u32 {
+    let dev: u64 = kread(skb, layout(|l| &l.skb_dev)).unwrap_or(0);
+    let net: u64 = kread(dev, layout(|l| &l.dev_net)).unwrap_or(0);
+    kread(net, layout(|l| &l.net_inum)).unwrap_or(0)
+}
+
+/// The `port` label rule of METRICS.md, decided now and never re-folded: the port itself if
+/// it is watched or has a listener in `netns`, else [`PORT_OTHER`].
+#[inline(always)]
+pub fn port_label(netns: u32, port: u16) -> u16 {
+    if let Some(word) = WATCH_PORTS.get(u32::from(port) / 64)
+        && word & (1u64 << (port % 64)) != 0
+    {
+        return port;
+    }
+    let key = ListenPortKey {
+        netns,
+        port,
+        pad: 0,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { LISTEN_PORTS.get(&key) }.is_some() {
+        port
+    } else {
+        PORT_OTHER
+    }
+}
+
+/// Adds one to `map[key]` on this CPU, creating the entry; a full map is counted in
+/// `MAP_ERRORS[error_index]` instead of being lost silently.
+#[inline(always)]
+pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K, error_index: u32) {
+    if let Some(value) = map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of an existing entry; no other CPU writes it.
+        unsafe { *value += 1 };
+        return;
+    }
+    if map.insert(key, 1u64, u64::from(BPF_NOEXIST)).is_ok() {
+        return;
+    }
+    // Another CPU may have created it between our lookup and insert.
+    if let Some(value) = map.get_ptr_mut(key) {
+        // SAFETY: as above.
+        unsafe { *value += 1 };
+        return;
+    }
+    count_map_error(error_index);
+}
+
+/// Counts one failed map update.
+#[inline(always)]
+pub fn count_map_error(index: u32) {
+    if let Some(errors) = MAP_ERRORS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array slot of this CPU.
+        unsafe { *errors += 1 };
+    }
+}

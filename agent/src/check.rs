@@ -1,0 +1,153 @@
+//! `sockscope check`: one line per feature, available or not and why.
+
+use std::path::Path;
+
+use crate::{
+    caps, kernel,
+    probes::{KernelSupport, Probes},
+};
+
+/// One line of the report.
+struct Line {
+    ok: bool,
+    feature: String,
+    detail: String,
+}
+
+/// Prints the report; `true` when the agent can run at all.
+pub fn check() -> bool {
+    let mut lines = Vec::new();
+    let missing = caps::missing_required();
+    let can_run = missing.is_empty();
+    let required: Vec<String> = caps::required()
+        .iter()
+        .map(|(c, why)| format!("{c} ({why})"))
+        .collect();
+    lines.push(Line {
+        ok: can_run,
+        feature: "capabilities".into(),
+        detail: if can_run {
+            format!("have {}", required.join(", "))
+        } else {
+            format!(
+                "missing {}: needed are {}",
+                missing.join(", "),
+                required.join(", ")
+            )
+        },
+    });
+    for (cap, why) in caps::optional() {
+        let ok = caps::has(cap);
+        lines.push(Line {
+            ok,
+            feature: format!("capability {cap}"),
+            detail: if ok {
+                format!("have it ({why})")
+            } else {
+                format!("missing: cannot {why}")
+            },
+        });
+    }
+    lines.push(match kernel::btf::KernelBtf::load() {
+        Ok(_) => Line {
+            ok: true,
+            feature: "btf".into(),
+            detail: kernel::btf::VMLINUX_BTF.into(),
+        },
+        Err(e) => Line {
+            ok: false,
+            feature: "btf".into(),
+            detail: e.to_string(),
+        },
+    });
+    let support = KernelSupport::probe(&[]);
+    lines.push(match &support.tracefs {
+        Some(dir) => Line {
+            ok: true,
+            feature: "tracefs".into(),
+            detail: dir.display().to_string(),
+        },
+        None => Line {
+            ok: false,
+            feature: "tracefs".into(),
+            detail:
+                "not mounted and could not be mounted (mount -t tracefs nodev /sys/kernel/tracing)"
+                    .into(),
+        },
+    });
+    let bpffs = is_mounted(Path::new("/sys/fs/bpf"), "bpf");
+    lines.push(Line {
+        ok: bpffs,
+        feature: "bpffs".into(),
+        detail: if bpffs {
+            "/sys/fs/bpf".into()
+        } else {
+            "not mounted at /sys/fs/bpf (not needed: nothing is pinned)".into()
+        },
+    });
+    // Attach for real when we may: a probe is only available if the kernel accepts it.
+    if can_run {
+        let specs: Vec<_> = support
+            .probes
+            .iter()
+            .map(|(s, a)| (s.name, s.needs, a.clone()))
+            .collect();
+        match Probes::load(support) {
+            Ok(probes) => {
+                for status in &probes.status {
+                    lines.push(Line {
+                        ok: status.up,
+                        feature: format!("probe {}", status.spec.name),
+                        detail: if status.up {
+                            status.detail.clone()
+                        } else {
+                            format!("{}; needs {}", status.detail, status.spec.needs)
+                        },
+                    });
+                }
+                // Dropping `probes` detaches everything again.
+            }
+            Err(e) => {
+                for (name, _, _) in specs {
+                    lines.push(Line {
+                        ok: false,
+                        feature: format!("probe {name}"),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+    } else {
+        for (spec, available) in &support.probes {
+            lines.push(Line {
+                ok: false,
+                feature: format!("probe {}", spec.name),
+                detail: match available {
+                    Ok(()) => "kernel has it; not attached without capabilities".into(),
+                    Err(why) => why.clone(),
+                },
+            });
+        }
+    }
+    println!(
+        "sockscope {} on Linux {}",
+        env!("CARGO_PKG_VERSION"),
+        kernel::kernel_release()
+    );
+    let width = lines.iter().map(|l| l.feature.len()).max().unwrap_or(0);
+    for line in &lines {
+        let mark = if line.ok { "ok" } else { "missing" };
+        println!("{mark:<8} {:<width$}  {}", line.feature, line.detail);
+    }
+    can_run
+}
+
+fn is_mounted(dir: &Path, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mountpoint, ty) = (f.next(), f.next(), f.next());
+            mountpoint == dir.to_str() && ty == Some(fstype)
+        })
+    })
+}

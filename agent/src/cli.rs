@@ -1,0 +1,234 @@
+//! Command line: node_exporter-style flags (`--web.listen-address`, `--collector.<name>` /
+//! `--no-collector.<name>`).
+
+use std::{collections::BTreeSet, net::SocketAddr, str::FromStr};
+
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
+
+/// The collectors that can be switched on and off, with what they read.
+pub const COLLECTORS: &[(&str, &str)] = &[
+    (
+        "resets",
+        "TCP resets sent and received, by reason, state and port (eBPF tracepoints)",
+    ),
+    (
+        "netstat",
+        "the kernel's TCP counters of the agent's network namespace (/proc/net/snmp, netstat)",
+    ),
+    (
+        "sysctl",
+        "the TCP settings of the agent's network namespace (/proc/sys/net)",
+    ),
+];
+
+/// sockscope: what the kernel's TCP stack does to connections at the listen backlog.
+#[derive(Debug, Parser)]
+#[command(name = "sockscope", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `run`, also accepted without the subcommand.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the probes and serve Prometheus metrics (the default).
+    Run(RunArgs),
+    /// Say, feature by feature, what this kernel and these privileges allow.
+    Check(CheckArgs),
+}
+
+/// Options of `sockscope run`.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Address to serve metrics on: `host:port`, `[v6]:port`, or `:port` for every address.
+    #[arg(
+        long = "web.listen-address",
+        value_name = "ADDR",
+        default_value = ":9844"
+    )]
+    pub listen_address: ListenAddress,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG, when set, takes precedence.
+    #[arg(long = "log.level", value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+    /// Ports whose `port` label is never folded into `other`, comma separated.
+    #[arg(long = "watch.ports", value_name = "PORTS", value_delimiter = ',')]
+    pub watch_ports: Vec<u16>,
+    /// Series with their own port label allowed per metric; further label sets are folded
+    /// into `other` and counted in sockscope_label_overflow_total.
+    #[arg(
+        long = "limit.series-per-metric",
+        value_name = "N",
+        default_value_t = 2000
+    )]
+    pub series_limit: usize,
+    /// Seconds between refreshes of the listener ports that keep their `port` label (new
+    /// listeners are seen at once by the kernel; the refresh prunes closed ones).
+    #[arg(long = "listeners.refresh-interval", value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub refresh_seconds: u64,
+    /// Which collectors run.
+    #[command(flatten)]
+    pub collectors: CollectorFlags,
+}
+
+/// Options of `sockscope check`.
+#[derive(Clone, Debug, Args)]
+pub struct CheckArgs {}
+
+/// `--web.listen-address`: an address, or only a port for every address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// `host:port`.
+    Addr(SocketAddr),
+    /// `:port`: IPv6 and IPv4 on every address.
+    AnyAddr(u16),
+}
+
+impl FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(port) = s.strip_prefix(':') {
+            return port
+                .parse()
+                .map(Self::AnyAddr)
+                .map_err(|_| format!("`{s}`: the port must be a number from 0 to 65535"));
+        }
+        if let Some(port) = s.strip_prefix("localhost:") {
+            let port: u16 = port.parse().map_err(|_| format!("`{s}`: bad port"))?;
+            return Ok(Self::Addr(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        s.parse().map(Self::Addr).map_err(|_| {
+            format!(
+                "`{s}` is not a listen address; use host:port (127.0.0.1:9844, [::1]:9844) or :port"
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::AnyAddr(p) => write!(f, ":{p}"),
+        }
+    }
+}
+
+/// `--collector.<name>` and `--no-collector.<name>` for each of [`COLLECTORS`]; the last
+/// one given wins, every collector is on by default.
+#[derive(Clone, Debug, Default)]
+pub struct CollectorFlags {
+    disabled: BTreeSet<&'static str>,
+}
+
+impl CollectorFlags {
+    /// Whether the collector runs.
+    pub fn enabled(&self, name: &str) -> bool {
+        !self.disabled.contains(name)
+    }
+
+    /// The collectors switched off.
+    pub fn disabled(&self) -> Vec<&'static str> {
+        self.disabled.iter().copied().collect()
+    }
+}
+
+impl FromArgMatches for CollectorFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Self::default();
+        flags.update_from_arg_matches(matches)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for (name, _) in COLLECTORS {
+            if matches.get_flag(&format!("no-collector.{name}")) {
+                self.disabled.insert(name);
+            } else if matches.get_flag(&format!("collector.{name}")) {
+                self.disabled.remove(name);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for CollectorFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for (name, what) in COLLECTORS {
+            let on = format!("collector.{name}");
+            let off = format!("no-collector.{name}");
+            cmd = cmd
+                .arg(
+                    Arg::new(on.clone())
+                        .long(on.clone())
+                        .action(ArgAction::SetTrue)
+                        .overrides_with(off.clone())
+                        .help(format!("Enable the {name} collector: {what} (default: on)")),
+                )
+                .arg(
+                    Arg::new(off.clone())
+                        .long(off)
+                        .action(ArgAction::SetTrue)
+                        .overrides_with(on)
+                        .help(format!("Disable the {name} collector")),
+                );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sockscope").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(":9844".parse(), Ok(ListenAddress::AnyAddr(9844)));
+        assert_eq!(
+            "127.0.0.1:1".parse(),
+            Ok(ListenAddress::Addr(SocketAddr::from(([127, 0, 0, 1], 1))))
+        );
+        assert!("[::1]:80".parse::<ListenAddress>().is_ok());
+        assert!("nonsense".parse::<ListenAddress>().is_err());
+        assert!(":99999".parse::<ListenAddress>().is_err());
+    }
+
+    #[test]
+    fn run_is_the_default_and_collectors_toggle() {
+        let cli = parse(&["--no-collector.netstat", "--watch.ports", "80,443"]).expect("parses");
+        assert!(cli.command.is_none());
+        assert!(!cli.run.collectors.enabled("netstat"));
+        assert!(cli.run.collectors.enabled("resets"));
+        assert_eq!(cli.run.watch_ports, vec![80, 443]);
+        let cli = parse(&["run", "--no-collector.resets", "--collector.resets"]).expect("parses");
+        let Some(Command::Run(run)) = cli.command else {
+            panic!("run subcommand")
+        };
+        assert!(run.collectors.enabled("resets"), "the last flag wins");
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        for args in [
+            &["--bogus"][..],
+            &["--web.listen-address", "x"],
+            &["--watch.ports", "70000"],
+        ] {
+            let err = parse(args).expect_err("must fail");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

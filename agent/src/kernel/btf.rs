@@ -1,0 +1,106 @@
+//! Struct member offsets of the running kernel, from its BTF (/sys/kernel/btf/vmlinux).
+
+use btf_rs::{Btf, Type};
+
+use super::KernelError;
+
+/// Where the running kernel describes its own types.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The kernel's BTF, loaded once at start-up.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    /// Loads the running kernel's BTF.
+    pub fn load() -> Result<Self, KernelError> {
+        Btf::from_file(VMLINUX_BTF)
+            .map(|btf| Self { btf })
+            .map_err(|e| KernelError::Btf(format!("{VMLINUX_BTF}: {e}")))
+    }
+
+    /// Byte offset of `path` (e.g. `["ns", "inum"]`) inside `struct <name>`, looking through
+    /// anonymous structs and unions as C does.
+    pub fn offset_of(&self, name: &str, path: &[&str]) -> Result<u32, KernelError> {
+        let err = |detail: String| {
+            KernelError::Btf(format!("struct {name}.{}: {detail}", path.join(".")))
+        };
+        let mut ty = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+            .ok_or_else(|| err("no such struct".into()))?;
+        let mut offset_bits = 0u32;
+        for member in path {
+            let (bits, member_ty) = self
+                .find_member(&ty, member)
+                .map_err(|e| err(e.to_string()))?
+                .ok_or_else(|| err(format!("no member `{member}`")))?;
+            offset_bits += bits;
+            ty = member_ty;
+        }
+        if offset_bits % 8 != 0 {
+            return Err(err("is a bitfield".into()));
+        }
+        Ok(offset_bits / 8)
+    }
+
+    /// Finds `member` in the struct or union `ty`: its bit offset and resolved type.
+    fn find_member(&self, ty: &Type, member: &str) -> btf_rs::Result<Option<(u32, Type)>> {
+        let s = match self.strip(ty.clone())? {
+            Type::Struct(s) | Type::Union(s) => s,
+            _ => return Ok(None),
+        };
+        for m in &s.members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            let m_ty = self.strip(self.btf.resolve_chained_type(m)?)?;
+            if name == member {
+                return Ok(Some((m.bit_offset(), m_ty)));
+            }
+            if name.is_empty()
+                && let Some((bits, found)) = self.find_member(&m_ty, member)?
+            {
+                return Ok(Some((m.bit_offset() + bits, found)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Follows typedefs and qualifiers down to the type they name.
+    fn strip(&self, mut ty: Type) -> btf_rs::Result<Type> {
+        for _ in 0..16 {
+            ty = match &ty {
+                Type::Typedef(t) => self.btf.resolve_chained_type(t)?,
+                Type::Volatile(t) => self.btf.resolve_chained_type(t)?,
+                Type::Const(t) => self.btf.resolve_chained_type(t)?,
+                Type::Restrict(t) => self.btf.resolve_chained_type(t)?,
+                Type::TypeTag(t) => self.btf.resolve_chained_type(t)?,
+                _ => return Ok(ty),
+            };
+        }
+        Ok(ty)
+    }
+
+    /// Values of a C enum by name, lower-cased with `prefix` removed
+    /// (`SK_RST_REASON_NO_SOCKET` → `no_socket`).
+    pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<(u64, String)> {
+        let Ok(types) = self.btf.resolve_types_by_name(name) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for ty in types {
+            if let Type::Enum(e) = ty {
+                for m in &e.members {
+                    if let Ok(n) = self.btf.resolve_name(m) {
+                        let n = n.strip_prefix(prefix).unwrap_or(&n).to_ascii_lowercase();
+                        out.push((u64::from(m.val()), n));
+                    }
+                }
+            }
+        }
+        out
+    }
+}

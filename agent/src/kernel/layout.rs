@@ -1,0 +1,96 @@
+//! Resolves [`KernelLayout`] for the running kernel: struct offsets from BTF, record
+//! offsets from the tracepoints' format files.
+
+use std::{collections::HashMap, path::Path};
+
+use agent_common::{FIELD_ABSENT, KernelLayout};
+
+use super::{KernelError, btf::KernelBtf, tracefs::Format};
+
+/// Struct offsets every program needs to find a socket's or packet's network namespace.
+pub fn struct_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    // `skc_net` is a possible_net_t whose only member is the `struct net *`.
+    let net_ptr = btf.offset_of("possible_net_t", &["net"]).unwrap_or(0);
+    layout.sk_net = btf.offset_of("sock_common", &["skc_net"])? + net_ptr;
+    layout.sk_state = btf.offset_of("sock_common", &["skc_state"])?;
+    layout.net_inum = btf.offset_of("net", &["ns", "inum"])?;
+    layout.skb_dev = btf.offset_of("sk_buff", &["dev"])?;
+    layout.dev_net = btf.offset_of("net_device", &["nd_net"])? + net_ptr;
+    Ok(())
+}
+
+/// `tcp:tcp_send_reset`. Since 6.10 the record holds the local address as a `sockaddr`
+/// (`saddr[28]`, port in network order at byte 2) and a `reason`; before, a host-order `sport`
+/// and no reason.
+pub fn send_reset(format: &Format, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    const TP: &str = "tcp:tcp_send_reset";
+    layout.rst_send_skaddr = format.field(TP, "skaddr")?.offset;
+    layout.rst_send_skbaddr = format.field(TP, "skbaddr")?.offset;
+    layout.rst_send_state = format.field(TP, "state")?.offset;
+    layout.rst_send_reason = format
+        .fields
+        .get("reason")
+        .map_or(FIELD_ABSENT, |f| f.offset);
+    if let Some(sport) = format.fields.get("sport") {
+        layout.rst_send_port = sport.offset;
+        layout.rst_send_port_be = 0;
+    } else {
+        let saddr = format.field(TP, "saddr")?;
+        if saddr.size < 16 {
+            return Err(KernelError::TracepointLayout {
+                tracepoint: TP.into(),
+                detail: format!("`saddr` is {} bytes, not a sockaddr", saddr.size),
+            });
+        }
+        layout.rst_send_port = saddr.offset + 2;
+        layout.rst_send_port_be = 1;
+    }
+    Ok(())
+}
+
+/// `tcp:tcp_receive_reset`.
+pub fn receive_reset(format: &Format, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    const TP: &str = "tcp:tcp_receive_reset";
+    layout.rst_recv_skaddr = format.field(TP, "skaddr")?.offset;
+    layout.rst_recv_port = format.field(TP, "sport")?.offset;
+    Ok(())
+}
+
+/// `sock:inet_sock_set_state`.
+pub fn set_state(format: &Format, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    const TP: &str = "sock:inet_sock_set_state";
+    layout.state_skaddr = format.field(TP, "skaddr")?.offset;
+    layout.state_newstate = format.field(TP, "newstate")?.offset;
+    layout.state_sport = format.field(TP, "sport")?.offset;
+    layout.state_protocol = format.field(TP, "protocol")?.offset;
+    Ok(())
+}
+
+/// Names of `enum sk_rst_reason` values on this kernel: from BTF, else from the
+/// tracepoint's own print format.
+pub fn reset_reasons(btf: Option<&KernelBtf>, format: Option<&Format>) -> HashMap<u8, String> {
+    let mut names: HashMap<u8, String> = HashMap::new();
+    if let Some(btf) = btf {
+        for (value, name) in btf.enum_names("sk_rst_reason", "SK_RST_REASON_") {
+            if let Ok(v) = u8::try_from(value) {
+                names.insert(v, name);
+            }
+        }
+    }
+    if names.is_empty()
+        && let Some(format) = format
+    {
+        for (value, name) in format.symbols("reason") {
+            if let Ok(v) = u8::try_from(value) {
+                names.insert(v, name);
+            }
+        }
+    }
+    names
+}
+
+/// Reads a tracepoint's format, tracefs being at `tracefs`.
+pub fn format(tracefs: &Path, tracepoint: &str) -> Result<Format, KernelError> {
+    let (category, name) = tracepoint.split_once(':').unwrap_or(("", tracepoint));
+    Format::read(tracefs, category, name)
+}

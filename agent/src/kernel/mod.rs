@@ -1,0 +1,68 @@
+//! What the running kernel offers and where its fields are: BTF, tracefs format files,
+//! network namespaces, /proc counters and sysctls.
+
+pub mod btf;
+pub mod layout;
+pub mod procfs;
+pub mod tracefs;
+
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+
+/// Errors from reading the kernel's self-description.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// BTF is missing or lacks a type the programs need.
+    #[error("kernel BTF: {0} (sockscope needs a kernel built with CONFIG_DEBUG_INFO_BTF)")]
+    Btf(String),
+    /// tracefs could not be found or mounted.
+    #[error("tracefs: {0}")]
+    Tracefs(String),
+    /// A tracepoint does not exist on this kernel.
+    #[error("tracepoint {tracepoint} is not available on this kernel: {detail}")]
+    TracepointMissing {
+        /// `category:name`.
+        tracepoint: String,
+        /// What failed.
+        detail: String,
+    },
+    /// A tracepoint exists but its record lacks what the program reads.
+    #[error("tracepoint {tracepoint} has an unexpected record layout: {detail}")]
+    TracepointLayout {
+        /// `category:name`.
+        tracepoint: String,
+        /// What is missing.
+        detail: String,
+    },
+    /// A /proc or /sys file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Inode number of a network namespace file (`/proc/<pid>/ns/net`, a bind mount under
+/// /run/netns): the value of the `netns` label.
+pub fn netns_inode(path: impl AsRef<Path>) -> Result<u64, KernelError> {
+    let path = path.as_ref();
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| KernelError::Read {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// The network namespace of the calling thread.
+pub fn own_netns() -> Result<u64, KernelError> {
+    netns_inode("/proc/thread-self/ns/net")
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

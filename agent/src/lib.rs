@@ -1,0 +1,61 @@
+//! sockscope's agent: loads the kernel programs with aya, reads listener queues and kernel
+//! counters, and serves them as Prometheus metrics.
+//!
+//! Layout: [`cli`] parses flags, [`run`] wires everything up, [`probes`] loads and attaches
+//! the programs, [`metrics`] reads them at scrape time, [`server`] answers HTTP,
+//! [`kernel`] knows where the running kernel keeps things, [`listeners`] lists listening
+//! sockets through sock_diag.
+
+pub mod caps;
+pub mod check;
+pub mod cli;
+pub mod kernel;
+pub mod listeners;
+pub mod metrics;
+pub mod probes;
+pub mod run;
+pub mod server;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+/// Entry point of the `sockscope` binary.
+pub fn main() -> ExitCode {
+    // clap prints usage and exits 2 on bad flags and values.
+    let cli = cli::Cli::parse();
+    match cli.command {
+        Some(cli::Command::Check(_)) => {
+            init_logging("warn");
+            if check::check() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Some(cli::Command::Run(args)) => run_agent(args),
+        None => run_agent(cli.run),
+    }
+}
+
+fn run_agent(args: cli::RunArgs) -> ExitCode {
+    init_logging(&args.log_level);
+    match run::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr; RUST_LOG, when set, overrides `--log.level`. Kernel-side aya-log records
+/// arrive through the `log` bridge.
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

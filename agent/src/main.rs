@@ -1,0 +1,6 @@
+//! `sockscope`: see the crate documentation of the `agent` library.
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    agent::main()
+}
