@@ -9,6 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 
 /// Field offsets of the running kernel, written by the agent before load.
 #[unsafe(no_mangle)]
@@ -86,7 +87,7 @@ pub fn port_label(netns: u32, port: u16) -> u16 {
         pad: 0,
     };
     // SAFETY: the value is only tested for presence.
-    if unsafe { LISTEN_PORTS.get(&key) }.is_some() {
+    if unsafe { LISTEN_PORTS.get(key) }.is_some() {
         port
     } else {
         PORT_OTHER
@@ -94,9 +95,14 @@ pub fn port_label(netns: u32, port: u16) -> u16 {
 }
 
 /// Adds one to `map[key]` on this CPU, creating the entry; a full map is counted in
-/// `MAP_ERRORS[error_index]` instead of being lost silently.
+/// `MAP_ERRORS[error_index]` and logged instead of being lost silently.
 #[inline(always)]
-pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K, error_index: u32) {
+pub fn increment<K>(
+    ctx: &TracePointContext,
+    map: &PerCpuHashMap<K, u64>,
+    key: &K,
+    error_index: u32,
+) {
     if let Some(value) = map.get_ptr_mut(key) {
         // SAFETY: per-CPU value of an existing entry; no other CPU writes it.
         unsafe { *value += 1 };
@@ -112,6 +118,10 @@ pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K, error_index: u32) {
         return;
     }
     count_map_error(error_index);
+    warn!(
+        ctx,
+        "counter map {} is full: an event was not counted", error_index
+    );
 }
 
 /// Counts one failed map update.

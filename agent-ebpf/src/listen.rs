@@ -21,7 +21,7 @@ pub fn listen_track(ctx: TracePointContext) -> u32 {
         port,
         pad: 0,
     };
-    if LISTEN_PORTS.insert(&key, 1u8, 0).is_err() {
+    if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
         count_map_error(map_error::LISTEN_PORTS);
     }
     0

@@ -51,7 +51,7 @@ pub fn rst_send(ctx: TracePointContext) -> u32 {
         state,
         reason,
     };
-    increment(&RESETS_SENT, &key, map_error::RESETS_SENT);
+    increment(&ctx, &RESETS_SENT, &key, map_error::RESETS_SENT);
     0
 }
 
@@ -69,6 +69,6 @@ pub fn rst_recv(ctx: TracePointContext) -> u32 {
         state,
         reason: 0,
     };
-    increment(&RESETS_RECV, &key, map_error::RESETS_RECV);
+    increment(&ctx, &RESETS_RECV, &key, map_error::RESETS_RECV);
     0
 }

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use crate::{
-    caps, kernel,
+    caps,
+    cli::CheckArgs,
+    kernel,
     probes::{KernelSupport, Probes},
 };
 
@@ -15,7 +17,7 @@ struct Line {
 }
 
 /// Prints the report; `true` when the agent can run at all.
-pub fn check() -> bool {
+pub fn check(args: &CheckArgs) -> bool {
     let mut lines = Vec::new();
     let missing = caps::missing_required();
     let can_run = missing.is_empty();
@@ -60,7 +62,7 @@ pub fn check() -> bool {
             detail: e.to_string(),
         },
     });
-    let support = KernelSupport::probe(&[]);
+    let support = KernelSupport::probe(&[], args.tracefs.as_deref());
     lines.push(match &support.tracefs {
         Some(dir) => Line {
             ok: true,

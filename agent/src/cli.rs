@@ -1,7 +1,7 @@
 //! Command line: node_exporter-style flags (`--web.listen-address`, `--collector.<name>` /
 //! `--no-collector.<name>`).
 
-use std::{collections::BTreeSet, net::SocketAddr, str::FromStr};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, str::FromStr};
 
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
@@ -58,8 +58,8 @@ pub struct RunArgs {
     /// Ports whose `port` label is never folded into `other`, comma separated.
     #[arg(long = "watch.ports", value_name = "PORTS", value_delimiter = ',')]
     pub watch_ports: Vec<u16>,
-    /// Series with their own port label allowed per metric; further label sets are folded
-    /// into `other` and counted in sockscope_label_overflow_total.
+    /// Series with their own port label allowed per metric and network namespace; further
+    /// label sets are folded into `other` and counted in sockscope_label_overflow_total.
     #[arg(
         long = "limit.series-per-metric",
         value_name = "N",
@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// listeners are seen at once by the kernel; the refresh prunes closed ones).
     #[arg(long = "listeners.refresh-interval", value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refresh_seconds: u64,
+    /// tracefs mount point; found (or mounted) automatically when not given.
+    #[arg(long = "path.tracefs", value_name = "DIR")]
+    pub tracefs: Option<PathBuf>,
     /// Which collectors run.
     #[command(flatten)]
     pub collectors: CollectorFlags,
@@ -77,7 +80,11 @@ pub struct RunArgs {
 
 /// Options of `sockscope check`.
 #[derive(Clone, Debug, Args)]
-pub struct CheckArgs {}
+pub struct CheckArgs {
+    /// tracefs mount point; found (or mounted) automatically when not given.
+    #[arg(long = "path.tracefs", value_name = "DIR")]
+    pub tracefs: Option<PathBuf>,
+}
 
 /// `--web.listen-address`: an address, or only a port for every address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

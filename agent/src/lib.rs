@@ -18,16 +18,18 @@ pub mod server;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 
 /// Entry point of the `sockscope` binary.
 pub fn main() -> ExitCode {
-    // clap prints usage and exits 2 on bad flags and values.
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
-        Some(cli::Command::Check(_)) => {
+        Some(cli::Command::Check(args)) => {
             init_logging("warn");
-            if check::check() {
+            if check::check(&args) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -36,6 +38,19 @@ pub fn main() -> ExitCode {
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),
     }
+}
+
+/// `--help` and `--version` print and exit 0; any bad flag or value prints the error and
+/// the usage, and exits 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if !e.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    if !e.render().to_string().contains("Usage:") {
+        eprintln!("\n{}", cli::Cli::command().render_usage());
+    }
+    ExitCode::from(2)
 }
 
 fn run_agent(args: cli::RunArgs) -> ExitCode {

@@ -42,7 +42,7 @@ impl KernelBtf {
             offset_bits += bits;
             ty = member_ty;
         }
-        if offset_bits % 8 != 0 {
+        if !offset_bits.is_multiple_of(8) {
             return Err(err("is a bitfield".into()));
         }
         Ok(offset_bits / 8)

@@ -11,8 +11,19 @@ use super::KernelError;
 /// Places tracefs is commonly found; the first with an `events` directory wins.
 const TRACEFS_DIRS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
-/// Finds tracefs, mounting it at /sys/kernel/tracing when it is not mounted anywhere.
-pub fn tracefs_dir() -> Result<PathBuf, KernelError> {
+/// Finds tracefs (at `configured` when given), mounting it at /sys/kernel/tracing when it is
+/// not mounted anywhere.
+pub fn tracefs_dir(configured: Option<&Path>) -> Result<PathBuf, KernelError> {
+    if let Some(dir) = configured {
+        return if dir.join("events").is_dir() {
+            Ok(dir.to_path_buf())
+        } else {
+            Err(KernelError::Tracefs(format!(
+                "{} has no events/ directory",
+                dir.display()
+            )))
+        };
+    }
     if let Some(dir) = find_tracefs() {
         return Ok(dir);
     }

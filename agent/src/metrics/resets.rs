@@ -41,7 +41,7 @@ pub struct Resets {
 
 impl Resets {
     /// A collector over the two maps; `series_limit` is the budget of series with their own
-    /// port label, per metric.
+    /// port label, per metric and network namespace.
     pub fn new(
         sent: ResetMap,
         received: ResetMap,
@@ -75,6 +75,7 @@ fn read(
         let sum: u64 = values.iter().sum();
         let key = budget.decide(
             key,
+            u64::from(key.netns),
             |k| ResetKey {
                 port: PORT_OTHER,
                 ..k

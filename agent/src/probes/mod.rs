@@ -6,7 +6,10 @@
 
 pub mod ports;
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use agent_common::KernelLayout;
 use aya::{Ebpf, EbpfLoader, maps::Map, programs::TracePoint};
@@ -95,9 +98,9 @@ pub struct KernelSupport {
 impl KernelSupport {
     /// Resolves BTF offsets and tracepoint layouts. Never fails: what is missing makes the
     /// probes that need it unavailable, with the reason.
-    pub fn probe(forced_off: &[&str]) -> Self {
+    pub fn probe(forced_off: &[&str], tracefs: Option<&Path>) -> Self {
         let mut layout = KernelLayout::ABSENT;
-        let tracefs = kernel::tracefs::tracefs_dir();
+        let tracefs = kernel::tracefs::tracefs_dir(tracefs);
         let btf = KernelBtf::load();
         let structs = btf
             .as_ref()

@@ -1,0 +1,282 @@
+//! Reset probes against the kernel's own counters, in a throwaway network namespace.
+//!
+//! The scenario causes resets of three reasons, each a known number of times, and checks:
+//! the agent's sum for the namespace equals the namespace's `Tcp OutRsts` delta exactly,
+//! each reason's count equals what the scenario did, and received resets are counted by the
+//! receiving socket's state.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use testkit::{
+    AgentProcess, Metrics, Netns, connect_closed_port, require_root, tcp_pair, wait_until,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
+const SENT: &str = "sockscope_tcp_resets_sent_total";
+const RECEIVED: &str = "sockscope_tcp_resets_received_total";
+
+fn agent_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9844))
+}
+
+/// Server side closes with unread data: the kernel aborts with an RST (tcp_abort_on_close).
+/// The client reads until the reset arrives, so its own close sends nothing more.
+fn close_with_unread_data(listener: &TcpListener) -> Result<()> {
+    let (mut client, server) = tcp_pair(listener)?;
+    client.write_all(b"unread")?;
+    // Wait until the bytes sit in the server's receive queue.
+    server.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut peek = [0u8; 1];
+    ensure!(server.peek(&mut peek)? == 1, "server saw no data");
+    drop(server);
+    expect_reset(&mut client)
+}
+
+/// Client sets SO_LINGER {on, 0} and closes: an RST instead of a FIN.
+fn close_with_linger_zero(listener: &TcpListener) -> Result<()> {
+    let (client, mut server) = tcp_pair(listener)?;
+    set_linger_zero(&client)?;
+    drop(client);
+    expect_reset(&mut server)
+}
+
+fn set_linger_zero(stream: &TcpStream) -> Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+fn expect_reset(stream: &mut TcpStream) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
+        other => anyhow::bail!("expected a reset, got {other:?}"),
+    }
+}
+
+fn sent(m: &Metrics, netns: &str, reason: &str, state: &str, port: &str) -> f64 {
+    m.get(
+        SENT,
+        &[
+            ("netns", netns),
+            ("reason", reason),
+            ("state", state),
+            ("port", port),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+fn received(m: &Metrics, netns: &str, state: &str, port: &str) -> f64 {
+    m.get(
+        RECEIVED,
+        &[("netns", netns), ("state", state), ("port", port)],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn resets_match_the_kernel_and_the_scenario() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let netns = ns.inode().to_string();
+
+    let kernel_before = ns.counters()?;
+    let before = agent.scrape()?;
+
+    const CLOSED_PORT: usize = 25;
+    const UNREAD: usize = 7;
+    const LINGER: usize = 11;
+    let listener_port = ns.run(|| -> Result<u16> {
+        // A port nobody listens on (bound, never listening, so no one else takes it).
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let closed_port = closed.local_addr()?.port();
+        let refused =
+            connect_closed_port(SocketAddr::from(([127, 0, 0, 1], closed_port)), CLOSED_PORT)?;
+        ensure!(
+            refused == CLOSED_PORT,
+            "only {refused} of {CLOSED_PORT} connects were refused"
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        for _ in 0..UNREAD {
+            close_with_unread_data(&listener)?;
+        }
+        for _ in 0..LINGER {
+            close_with_linger_zero(&listener)?;
+        }
+        Ok(listener.local_addr()?.port())
+    })??;
+    let port = listener_port.to_string();
+
+    let expected_total = (CLOSED_PORT + UNREAD + LINGER) as f64;
+    // The programs count synchronously; the wait only covers softirq stragglers.
+    let mut after = agent.scrape()?;
+    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        after = agent.scrape()?;
+        Ok(
+            after.sum(SENT, &[("netns", &netns)]) - before.sum(SENT, &[("netns", &netns)])
+                >= expected_total,
+        )
+    })
+    .ok();
+    let kernel = ns.counters()?.delta(&kernel_before);
+
+    let agent_total =
+        after.sum(SENT, &[("netns", &netns)]) - before.sum(SENT, &[("netns", &netns)]);
+    let out_rsts = kernel.get("TcpOutRsts")? as f64;
+    assert_eq!(
+        agent_total,
+        out_rsts,
+        "sum of {SENT} must equal the Tcp OutRsts delta\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        out_rsts, expected_total,
+        "the scenario sends exactly this many resets"
+    );
+
+    let d = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
+    assert_eq!(
+        d(&|m| sent(m, &netns, "no_socket", "none", "other")),
+        CLOSED_PORT as f64
+    );
+    assert_eq!(
+        d(&|m| sent(m, &netns, "tcp_abort_on_close", "close", &port)),
+        UNREAD as f64,
+        "unread data at close, on the listener's port"
+    );
+    assert_eq!(
+        d(&|m| sent(m, &netns, "tcp_state", "close", "other")),
+        LINGER as f64,
+        "SO_LINGER 0 goes through tcp_disconnect (reason tcp_state), from an ephemeral port"
+    );
+
+    assert_eq!(
+        d(&|m| received(m, &netns, "syn_sent", "other")),
+        CLOSED_PORT as f64
+    );
+    assert_eq!(
+        d(&|m| received(m, &netns, "established", "other")),
+        UNREAD as f64
+    );
+    assert_eq!(
+        d(&|m| received(m, &netns, "established", &port)),
+        LINGER as f64
+    );
+
+    // The agent's own copy of the kernel counter agrees too.
+    let own = after.sum("sockscope_netstat_resets_sent_total", &[("netns", &netns)])
+        - before.sum("sockscope_netstat_resets_sent_total", &[("netns", &netns)]);
+    assert_eq!(own, out_rsts);
+    Ok(())
+}
+
+#[test]
+fn watched_ports_keep_their_label_and_others_fold() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    // Two closed ports: one watched, one not.
+    let (watched, unwatched) = ns.run(|| -> Result<(u16, u16)> {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let b = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    })??;
+    let watch = format!("--watch.ports={watched}");
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[&watch], agent_addr())?;
+    let netns = ns.inode().to_string();
+    ns.run(|| -> Result<()> {
+        connect_closed_port(SocketAddr::from(([127, 0, 0, 1], watched)), 3)?;
+        connect_closed_port(SocketAddr::from(([127, 0, 0, 1], unwatched)), 4)?;
+        Ok(())
+    })??;
+    let m = agent.scrape()?;
+    assert_eq!(
+        sent(&m, &netns, "no_socket", "none", &watched.to_string()),
+        3.0
+    );
+    assert_eq!(sent(&m, &netns, "no_socket", "none", "other"), 4.0);
+    assert_eq!(
+        m.get(
+            SENT,
+            &[
+                ("netns", &netns),
+                ("reason", "no_socket"),
+                ("state", "none"),
+                ("port", &unwatched.to_string())
+            ]
+        ),
+        None
+    );
+    Ok(())
+}
+
+#[test]
+fn series_budget_folds_into_other_and_counts_it() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let ports: Vec<u16> = (0..4).map(|i| 20000 + i).collect();
+    let watch = format!(
+        "--watch.ports={}",
+        ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let agent = AgentProcess::start(
+        &ns,
+        Path::new(AGENT),
+        &[&watch, "--limit.series-per-metric=2"],
+        agent_addr(),
+    )?;
+    let netns = ns.inode().to_string();
+    for (i, port) in ports.iter().enumerate() {
+        ns.run(|| connect_closed_port(SocketAddr::from(([127, 0, 0, 1], *port)), 1))??;
+        // Scrape between events so the first two ports are decided before the others.
+        let m = agent.scrape()?;
+        let with_own_label = ports[..=i]
+            .iter()
+            .filter(|p| sent(&m, &netns, "no_socket", "none", &p.to_string()) == 1.0)
+            .count();
+        assert_eq!(with_own_label, (i + 1).min(2));
+    }
+    let m = agent.scrape()?;
+    assert_eq!(
+        sent(&m, &netns, "no_socket", "none", "other"),
+        2.0,
+        "the last two ports fold"
+    );
+    assert_eq!(
+        m.get("sockscope_label_overflow_total", &[("metric", SENT)]),
+        Some(2.0)
+    );
+    Ok(())
+}

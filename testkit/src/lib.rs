@@ -1,0 +1,99 @@
+//! Test kit for sockscope's integration tests and benchmarks.
+//!
+//! Everything here is driven from Rust (sockets, `setns`/`unshare`, `/proc`): no `ip`, `ss` or
+//! `nstat` is ever run, so the same tests work inside a minimal initramfs under qemu.
+//!
+//! - [`Netns`]: a throwaway network namespace (with `lo` up), per-namespace sysctls, the
+//!   kernel's own counters ([`Counters`], [`Sockstat`]) and process spawning inside it.
+//! - [`AgentProcess`]: the agent binary running in a namespace, with its log and `/metrics`.
+//! - [`http_get`], [`Metrics`]: a tiny HTTP/1.1 client and a Prometheus text parser.
+//! - [`connect_closed_port`], [`tcp_pair`]: traffic helpers for use inside [`Netns::run`].
+//!
+//! Trap: `/proc/self/net/*` and `/proc/net/*` follow the netns of the thread-group leader, not
+//! of the calling thread; this crate always reads `/proc/thread-self/net/*`.
+//!
+//! Nothing here keeps global state besides an atomic counter for unique file names, so tests
+//! may run in parallel on many threads.
+
+mod agent;
+mod counters;
+mod http;
+mod metrics;
+mod netns;
+mod process;
+mod traffic;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+pub use agent::AgentProcess;
+pub use counters::{Counters, Sockstat};
+pub use http::{http_get, http_get_timeout};
+pub use metrics::{Metrics, Sample};
+pub use netns::{Netns, NetnsGuard};
+pub use process::ChildGuard;
+pub use traffic::{connect_closed_port, tcp_pair};
+
+/// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.
+pub fn wait_until(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(interval.min(timeout - elapsed));
+    }
+}
+
+/// Returns whether the test may run: true as root; otherwise panics under `CI=true`, else
+/// prints a skip notice and returns false.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let ci = std::env::var("CI")
+        .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        .unwrap_or(false);
+    if ci {
+        panic!("this test needs root (CAP_SYS_ADMIN, CAP_BPF) and CI=true forbids skipping it");
+    }
+    eprintln!("skipping: needs root (CAP_SYS_ADMIN, CAP_BPF)");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_until_succeeds_and_times_out() {
+        let mut n = 0;
+        wait_until(Duration::from_secs(5), Duration::from_millis(1), || {
+            n += 1;
+            Ok(n >= 3)
+        })
+        .expect("condition becomes true");
+        assert_eq!(n, 3);
+
+        let err = wait_until(Duration::from_millis(30), Duration::from_millis(5), || {
+            Ok(false)
+        })
+        .expect_err("never true");
+        assert!(err.to_string().contains("not met"), "{err}");
+
+        let err = wait_until(Duration::from_secs(5), Duration::from_millis(1), || {
+            bail!("boom")
+        })
+        .expect_err("error propagates");
+        assert!(err.to_string().contains("boom"));
+    }
+}

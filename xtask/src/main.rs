@@ -1,0 +1,298 @@
+//! Developer commands for sockscope: `cargo xtask run` and `cargo xtask test` are all a fresh
+//! machine needs, because every command first installs what is missing (see `setup`).
+
+mod setup;
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+/// What `cargo xtask run` passes to the agent when given no arguments.
+const DEFAULT_AGENT_ARGS: &[&str] = &["run"];
+
+/// Variables the outer `cargo run` sets for us; a child cargo that inherits them is pinned to
+/// the outer toolchain and its rustc, so `cargo +nightly` would silently use stable.
+const INHERITED_TOOLCHAIN_VARS: &[&str] = &[
+    "RUSTUP_TOOLCHAIN",
+    "RUSTUP_TOOLCHAIN_SOURCE",
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "sockscope developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian packages, Rust nightly with rust-src, bpf-linker
+    Setup,
+    /// Build the agent (release unless --debug)
+    Build {
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the agent in release and run it with ARGS (default: `run`)
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Lint, then run the workspace's tests
+    Test(TestArgs),
+    /// rustfmt check, clippy on the host crates, clippy on agent-ebpf for the BPF target
+    Lint,
+    /// Build the release binaries and run the benchmarks with ARGS
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// Skip the lint phase
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (after `--`)
+    #[arg(last = true)]
+    extra: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    // Our own report, not anyhow's: with RUST_BACKTRACE set, that one ends in a backtrace of
+    // xtask, which says nothing about what failed.
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Cmd) -> Result<()> {
+    if !matches!(command, Cmd::Setup) {
+        setup::ensure_all()?;
+    }
+    match command {
+        Cmd::Setup => setup::ensure_all(),
+        Cmd::Build { debug } => build_agent(!debug),
+        Cmd::Run { args } => run_agent(args),
+        Cmd::Test(args) => test(args),
+        Cmd::Lint => lint(),
+        Cmd::Bench { args } => bench(args),
+    }
+}
+
+fn build_agent(release: bool) -> Result<()> {
+    let mut build = cargo("build -p agent");
+    if release {
+        build.arg("--release");
+    }
+    run_checked(&mut build)
+}
+
+fn run_agent(mut args: Vec<OsString>) -> Result<()> {
+    build_agent(true)?;
+    if args.is_empty() {
+        args = DEFAULT_AGENT_ARGS.iter().map(OsString::from).collect();
+    }
+    let agent = release_dir().join("sockscope");
+    // exec, so that signals reach the agent directly and its exit code is ours.
+    exec(Command::new(agent).args(args))
+}
+
+/// One step of `cargo xtask test`; new ones (such as runs under other kernels) slot into `test`.
+type Phase<'a> = (&'static str, Box<dyn FnOnce() -> Result<()> + 'a>);
+
+fn test(args: TestArgs) -> Result<()> {
+    let mut phases: Vec<Phase> = Vec::new();
+    if !args.no_lint {
+        phases.push(("lint", Box::new(lint)));
+    }
+    phases.push(("cargo test", Box::new(|| cargo_test(&args.extra))));
+    run_phases(phases)
+}
+
+/// Runs every phase even after a failure, so that a formatting slip does not hide test results.
+fn run_phases(phases: Vec<Phase>) -> Result<()> {
+    let mut failed = Vec::new();
+    for (name, phase) in phases {
+        println!("xtask: {name}");
+        if let Err(err) = phase() {
+            eprintln!("xtask: {name} failed: {err:#}");
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed phases: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn cargo_test(extra: &[OsString]) -> Result<()> {
+    // Debug is enough: agent/build.rs always builds the eBPF object in release.
+    let mut test = cargo("test --workspace --exclude agent-ebpf");
+    test.args(extra).env("RUST_BACKTRACE", "1");
+    run_checked(&mut test)
+}
+
+fn lint() -> Result<()> {
+    let checks = [
+        cargo("fmt --all -- --check"),
+        cargo("clippy --workspace --exclude agent-ebpf --all-targets -- -D warnings"),
+        // agent-ebpf is not a default member: it only means something for the BPF target,
+        // which needs nightly's build-std.
+        cargo(concat!(
+            "+nightly clippy -p agent-ebpf --target bpfel-unknown-none -Z build-std=core",
+            " -- -D warnings",
+        )),
+    ];
+    // Run them all: one report with every complaint beats fixing them one rerun at a time.
+    let errors: Vec<String> = checks
+        .into_iter()
+        .filter_map(|mut check| run_checked(&mut check).err())
+        .map(|err| format!("{err:#}"))
+        .collect();
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n  "));
+    }
+    Ok(())
+}
+
+fn bench(args: Vec<OsString>) -> Result<()> {
+    run_checked(&mut cargo("build --release -p agent -p testkit --bins"))?;
+    let release = release_dir();
+    let bench = release.join("sockscope-bench");
+    if !bench.is_file() {
+        bail!(
+            "{} was not built: the testkit crate has no `sockscope-bench` binary yet",
+            bench.display()
+        );
+    }
+    let agent = release.join("sockscope");
+    exec(Command::new(bench).arg("--agent").arg(agent).args(args))
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> &'static Path {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir)
+}
+
+/// Where `cargo build --release` puts binaries. The workspace sets no `build.target-dir`, so
+/// the environment decides; this spares a `cargo metadata` run and a JSON parser.
+fn release_dir() -> PathBuf {
+    let target = ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .iter()
+        .find_map(std::env::var_os)
+        .unwrap_or_else(|| "target".into());
+    workspace_root().join(target).join("release")
+}
+
+/// PATH with `$CARGO_HOME/bin` (where rustup and `cargo install` put binaries) first: rustup's
+/// `cargo` proxy, which understands `+nightly`, and the bpf-linker we install must win.
+fn child_path() -> OsString {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
+    let current = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&current).collect();
+    if let Some(bin) = cargo_home.map(|home| home.join("bin")) {
+        dirs.retain(|dir| *dir != bin);
+        dirs.insert(0, bin);
+    }
+    std::env::join_paths(dirs).unwrap_or(current)
+}
+
+/// `program` with the arguments in `line` (split on whitespace), cleaned of the outer cargo's
+/// toolchain pins, run from the workspace root.
+pub(crate) fn tool(program: &str, line: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(line.split_whitespace());
+    for var in INHERITED_TOOLCHAIN_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env("PATH", child_path()).current_dir(workspace_root());
+    cmd
+}
+
+pub(crate) fn cargo(line: &str) -> Command {
+    tool("cargo", line)
+}
+
+/// The command line as a user would type it, for messages.
+pub(crate) fn describe(cmd: &Command) -> String {
+    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args());
+    let words: Vec<_> = words.map(OsStr::to_string_lossy).collect();
+    words.join(" ")
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it succeeds.
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; fails unless it succeeds.
+pub(crate) fn stdout_of(cmd: &mut Command) -> Result<String> {
+    let output = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if !output.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(cmd),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Replaces this process with `cmd`; returns only if that fails.
+fn exec(cmd: &mut Command) -> Result<()> {
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("could not run `{}`", describe(cmd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Cmd {
+        let args = std::iter::once("xtask").chain(line.split_whitespace());
+        Cli::try_parse_from(args).expect("parses").command
+    }
+
+    #[test]
+    fn run_passes_flags_through_to_the_agent() {
+        let Cmd::Run { args } = parse("run --web.listen-address :9000 -v") else {
+            panic!("not run");
+        };
+        assert_eq!(args, ["--web.listen-address", ":9000", "-v"]);
+    }
+
+    #[test]
+    fn test_takes_extra_cargo_args_after_double_dash() {
+        let Cmd::Test(args) = parse("test --no-lint -- -p agent -- --nocapture") else {
+            panic!("not test");
+        };
+        assert!(args.no_lint);
+        assert_eq!(args.extra, ["-p", "agent", "--", "--nocapture"]);
+    }
+}
