@@ -49,6 +49,56 @@ pub struct ListenPortKey {
     pub pad: u16,
 }
 
+/// Key of the per-listener event counters (`LISTEN_EVENTS`): the listener's identity and
+/// what happened ([`listen_kind`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// Listening port.
+    pub port: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u8,
+    /// One of [`listen_kind`].
+    pub kind: u8,
+    /// The listener's bound address: IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// What a `LISTEN_EVENTS` entry counts.
+pub mod listen_kind {
+    /// A SYN dropped because the accept queue was full.
+    pub const OVERFLOW_SYN: u8 = 0;
+    /// A handshake-completing ACK dropped because the accept queue was full.
+    pub const OVERFLOW_ACK: u8 = 1;
+    /// SYN queue full (or syncookies=2) and cookies off: SYN dropped.
+    pub const SYN_QUEUE_FULL_DROP: u8 = 2;
+    /// SYN queue full (or syncookies=2) and cookies on: a cookie was wanted.
+    pub const SYN_QUEUE_FULL_COOKIE: u8 = 3;
+    /// A SYN-ACK retransmitted.
+    pub const SYNACK_RETRANSMIT: u8 = 4;
+    /// A handshake completed into the accept queue.
+    pub const HANDSHAKE: u8 = 5;
+    /// Sum of the accept-queue lengths seen at completed handshakes.
+    pub const OCCUPANCY_SUM: u8 = 6;
+    /// Occupancy histogram bucket `i` is `OCCUPANCY_BUCKET0 + i`.
+    pub const OCCUPANCY_BUCKET0: u8 = 16;
+    /// Number of occupancy buckets: upper bounds 0, 1, 2, 4, … 2^16, then +Inf.
+    pub const OCCUPANCY_BUCKETS: u8 = 19;
+}
+
+/// The listener a non-SYN segment was just delivered to on this CPU (`HANDSHAKE_STASH`):
+/// lets the handshake counter attribute the child socket to its listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeStash {
+    /// Kernel address of the listener.
+    pub listener: u64,
+    /// The listener's key (kind unused).
+    pub key: ListenerKey,
+}
+
 /// Number of u64 words in the watched-port bitmap (one bit per port).
 pub const WATCH_PORT_WORDS: u32 = 1024;
 
@@ -60,10 +110,17 @@ pub mod map_error {
     pub const RESETS_RECV: u32 = 1;
     /// `LISTEN_PORTS` was full.
     pub const LISTEN_PORTS: u32 = 2;
+    /// `LISTEN_EVENTS` was full.
+    pub const LISTEN_EVENTS: u32 = 3;
     /// Length of the array.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     /// Map names, by index, as they appear in the `map` label.
-    pub const NAMES: [&str; COUNT as usize] = ["resets_sent", "resets_recv", "listen_ports"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "resets_sent",
+        "resets_recv",
+        "listen_ports",
+        "listen_events",
+    ];
 }
 
 /// Where the fields the programs read live on the running kernel. The agent resolves every
@@ -82,6 +139,25 @@ pub struct KernelLayout {
     pub skb_dev: u32,
     /// `struct net_device`: `nd_net`.
     pub dev_net: u32,
+    /// `struct sock_common`: `skc_family`.
+    pub sk_family: u32,
+    /// `struct sock_common`: `skc_num` (local port, host order).
+    pub sk_num: u32,
+    /// `struct sock_common`: `skc_rcv_saddr`.
+    pub sk_rcv_saddr: u32,
+    /// `struct sock_common`: `skc_v6_rcv_saddr`.
+    pub sk_v6_rcv_saddr: u32,
+    /// `struct sock`: `sk_ack_backlog` (accept queue length).
+    pub sk_ack_backlog: u32,
+    /// `struct sock`: `sk_max_ack_backlog` (accept queue limit).
+    pub sk_max_ack_backlog: u32,
+    /// `struct inet_connection_sock`: `icsk_accept_queue.qlen` (SYN queue length).
+    pub icsk_qlen: u32,
+    /// `struct net`: `ipv4.sysctl_tcp_syncookies`.
+    pub net_syncookies: u32,
+    /// 1 when the kernel calls the SYN queue full at `qlen >= limit` (before Linux 6.14 and
+    /// its stable backports), 0 for `qlen > limit`.
+    pub synq_full_at_limit: u32,
 
     /// `tcp:tcp_send_reset`: `skaddr`.
     pub rst_send_skaddr: u32,
@@ -104,12 +180,24 @@ pub struct KernelLayout {
 
     /// `sock:inet_sock_set_state`: `skaddr`.
     pub state_skaddr: u32,
+    /// `sock:inet_sock_set_state`: `oldstate`.
+    pub state_oldstate: u32,
     /// `sock:inet_sock_set_state`: `newstate`.
     pub state_newstate: u32,
     /// `sock:inet_sock_set_state`: `sport` (host order).
     pub state_sport: u32,
     /// `sock:inet_sock_set_state`: `protocol`.
     pub state_protocol: u32,
+
+    /// `skb:kfree_skb`: `rx_sk` (the socket the packet was for; Linux 6.11).
+    pub kfree_rx_sk: u32,
+    /// `skb:kfree_skb`: `reason`.
+    pub kfree_reason: u32,
+    /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` on this kernel, or [`FIELD_ABSENT`].
+    pub reason_listen_overflow: u32,
+
+    /// `tcp:tcp_retransmit_synack`: `skaddr` (the listener).
+    pub synack_skaddr: u32,
 }
 
 impl KernelLayout {
@@ -120,6 +208,15 @@ impl KernelLayout {
         net_inum: FIELD_ABSENT,
         skb_dev: FIELD_ABSENT,
         dev_net: FIELD_ABSENT,
+        sk_family: FIELD_ABSENT,
+        sk_num: FIELD_ABSENT,
+        sk_rcv_saddr: FIELD_ABSENT,
+        sk_v6_rcv_saddr: FIELD_ABSENT,
+        sk_ack_backlog: FIELD_ABSENT,
+        sk_max_ack_backlog: FIELD_ABSENT,
+        icsk_qlen: FIELD_ABSENT,
+        net_syncookies: FIELD_ABSENT,
+        synq_full_at_limit: 0,
         rst_send_skaddr: FIELD_ABSENT,
         rst_send_skbaddr: FIELD_ABSENT,
         rst_send_state: FIELD_ABSENT,
@@ -129,9 +226,14 @@ impl KernelLayout {
         rst_recv_skaddr: FIELD_ABSENT,
         rst_recv_port: FIELD_ABSENT,
         state_skaddr: FIELD_ABSENT,
+        state_oldstate: FIELD_ABSENT,
         state_newstate: FIELD_ABSENT,
         state_sport: FIELD_ABSENT,
         state_protocol: FIELD_ABSENT,
+        kfree_rx_sk: FIELD_ABSENT,
+        kfree_reason: FIELD_ABSENT,
+        reason_listen_overflow: FIELD_ABSENT,
+        synack_skaddr: FIELD_ABSENT,
     };
 }
 
@@ -145,6 +247,10 @@ mod user {
     unsafe impl aya::Pod for ListenPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HandshakeStash {}
 }
 
 #[cfg(test)]
@@ -156,6 +262,8 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 17 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 31 * 4);
+        assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
+        assert_eq!(size_of::<HandshakeStash>(), 8 + 24);
     }
 }

@@ -1,8 +1,14 @@
 //! Shared access to kernel memory and to the counters: offsets come from the agent
 //! (`LAYOUT`, resolved at start-up from the running kernel's BTF and format files).
 
-use agent_common::{FIELD_ABSENT, KernelLayout, ListenPortKey, PORT_OTHER, WATCH_PORT_WORDS};
+use agent_common::{
+    FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_OTHER, WATCH_PORT_WORDS,
+};
+
+/// `AF_INET6`.
+pub const AF_INET6: u32 = 10;
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_kernel,
     macros::map,
@@ -64,6 +70,27 @@ pub fn sk_netns(sk: u64) -> u32 {
     kread(net, layout(|l| &l.net_inum)).unwrap_or(0)
 }
 
+/// Identity of a listening socket (`sock_common` fields), with `kind` still to set.
+#[inline(always)]
+pub fn listener_key(sk: u64) -> Option<ListenerKey> {
+    let family: u16 = kread(sk, layout(|l| &l.sk_family))?;
+    let port: u16 = kread(sk, layout(|l| &l.sk_num))?;
+    let mut addr = [0u8; 16];
+    if u32::from(family) == AF_INET6 {
+        addr = kread(sk, layout(|l| &l.sk_v6_rcv_saddr))?;
+    } else {
+        let v4: [u8; 4] = kread(sk, layout(|l| &l.sk_rcv_saddr))?;
+        addr[..4].copy_from_slice(&v4);
+    }
+    Some(ListenerKey {
+        netns: sk_netns(sk),
+        port,
+        family: family as u8,
+        kind: 0,
+        addr,
+    })
+}
+
 /// Network namespace inode of a packet's device.
 #[inline(always)]
 pub fn skb_netns(skb: u64) -> u32 {
@@ -94,27 +121,39 @@ pub fn port_label(netns: u32, port: u16) -> u16 {
     }
 }
 
-/// Adds one to `map[key]` on this CPU, creating the entry; a full map is counted in
-/// `MAP_ERRORS[error_index]` and logged instead of being lost silently.
+/// Adds one to `map[key]` on this CPU; see [`add`].
 #[inline(always)]
-pub fn increment<K>(
-    ctx: &TracePointContext,
+pub fn increment<C: EbpfContext, K>(
+    ctx: &C,
     map: &PerCpuHashMap<K, u64>,
     key: &K,
     error_index: u32,
 ) {
+    add(ctx, map, key, 1, error_index);
+}
+
+/// Adds `n` to `map[key]` on this CPU, creating the entry; a full map is counted in
+/// `MAP_ERRORS[error_index]` and logged instead of being lost silently.
+#[inline(always)]
+pub fn add<C: EbpfContext, K>(
+    ctx: &C,
+    map: &PerCpuHashMap<K, u64>,
+    key: &K,
+    n: u64,
+    error_index: u32,
+) {
     if let Some(value) = map.get_ptr_mut(key) {
         // SAFETY: per-CPU value of an existing entry; no other CPU writes it.
-        unsafe { *value += 1 };
+        unsafe { *value += n };
         return;
     }
-    if map.insert(key, 1u64, u64::from(BPF_NOEXIST)).is_ok() {
+    if map.insert(key, n, u64::from(BPF_NOEXIST)).is_ok() {
         return;
     }
     // Another CPU may have created it between our lookup and insert.
     if let Some(value) = map.get_ptr_mut(key) {
         // SAFETY: as above.
-        unsafe { *value += 1 };
+        unsafe { *value += n };
         return;
     }
     count_map_error(error_index);

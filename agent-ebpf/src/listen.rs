@@ -1,28 +1,248 @@
-//! Listener tracking from `sock:inet_sock_set_state`: every socket that enters LISTEN
-//! marks its (netns, port) at once, so events on a brand-new listener keep their port label.
+//! The listen backlog: which listener dropped what, and why.
+//!
+//! - `listen_track` (`sock:inet_sock_set_state`): listeners entering LISTEN mark their port
+//!   at once; children moving SYN_RECV → ESTABLISHED count a completed handshake and the
+//!   accept-queue length it found.
+//! - `listen_ingress` (cgroup_skb ingress at the cgroup v2 root): runs for every segment
+//!   delivered to a listener, before TCP handles it, and applies the kernel's own tests of
+//!   `tcp_conn_request()` to a SYN to tell which drop or cookie follows. It always passes the
+//!   packet: it observes, it never filters.
+//! - `listen_ack_drop` (`skb:kfree_skb`, reason `TCP_LISTEN_OVERFLOW`, Linux 6.11+): a
+//!   handshake-completing ACK dropped because the accept queue was full.
+//! - `listen_synack` (`tcp:tcp_retransmit_synack`): SYN-ACK retransmits per listener.
 
-use agent_common::{IPPROTO_TCP, ListenPortKey, TCP_LISTEN, map_error};
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use agent_common::{
+    HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey, TCP_LISTEN, listen_kind, map_error,
+};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, bpf_sk_fullsock},
+    macros::{cgroup_skb, map, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{SkBuffContext, TracePointContext},
+};
 
-use crate::kernel::{LISTEN_PORTS, count_map_error, layout, record, sk_netns};
+use crate::kernel::{
+    LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, record, sk_netns,
+};
 
-/// `sock:inet_sock_set_state` → `LISTEN_PORTS`.
+/// Per-listener counters, keyed by listener and [`listen_kind`].
+#[map]
+static LISTEN_EVENTS: PerCpuHashMap<ListenerKey, u64> = PerCpuHashMap::with_max_entries(32768, 0);
+
+/// The listener the last non-SYN segment on this CPU went to (see [`HandshakeStash`]).
+#[map]
+static HANDSHAKE_STASH: PerCpuArray<HandshakeStash> = PerCpuArray::with_max_entries(1, 0);
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const TH_SYN: u8 = 0x02;
+const TH_ACK: u8 = 0x10;
+
+fn count<C: aya_ebpf::EbpfContext>(ctx: &C, mut key: ListenerKey, kind: u8) {
+    key.kind = kind;
+    increment(ctx, &LISTEN_EVENTS, &key, map_error::LISTEN_EVENTS);
+}
+
+/// `sock:inet_sock_set_state`.
 #[tracepoint]
 pub fn listen_track(ctx: TracePointContext) -> u32 {
-    let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
     let protocol: u16 = record(&ctx, layout(|l| &l.state_protocol)).unwrap_or(0);
-    if newstate as u32 != TCP_LISTEN || protocol != IPPROTO_TCP {
+    if protocol != IPPROTO_TCP {
         return 0;
     }
+    let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
     let sk: u64 = record(&ctx, layout(|l| &l.state_skaddr)).unwrap_or(0);
     let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
-    let key = ListenPortKey {
-        netns: sk_netns(sk),
-        port,
-        pad: 0,
+    if newstate as u32 == TCP_LISTEN {
+        let key = ListenPortKey {
+            netns: sk_netns(sk),
+            port,
+            pad: 0,
+        };
+        if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
+            count_map_error(map_error::LISTEN_PORTS);
+        }
+        return 0;
+    }
+    let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
+    if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
+        handshake(&ctx, sk, port);
+    }
+    0
+}
+
+/// A passive child became ESTABLISHED: it was just added to its listener's accept queue.
+fn handshake(ctx: &TracePointContext, child: u64, port: u16) {
+    let netns = sk_netns(child);
+    let stash = HANDSHAKE_STASH.get_ptr_mut(0);
+    if let Some(stash) = stash {
+        // SAFETY: this CPU's slot; the cgroup program filled it earlier in this softirq.
+        let s = unsafe { &mut *stash };
+        if s.listener != 0 && s.key.port == port && s.key.netns == netns {
+            let listener = s.listener;
+            let key = s.key;
+            s.listener = 0;
+            count(ctx, key, listen_kind::HANDSHAKE);
+            // The child is already in the queue: this is the length it made.
+            if let Some(len) = kread::<u32>(listener, layout(|l| &l.sk_ack_backlog)) {
+                let mut k = key;
+                k.kind = listen_kind::OCCUPANCY_SUM;
+                add(
+                    ctx,
+                    &LISTEN_EVENTS,
+                    &k,
+                    u64::from(len),
+                    map_error::LISTEN_EVENTS,
+                );
+                count(ctx, key, listen_kind::OCCUPANCY_BUCKET0 + bucket(len));
+            }
+            return;
+        }
+    }
+    // No listener seen (cgroup program unavailable, or TCP Fast Open): attribute by the
+    // child's own address; the agent maps it to the listener series.
+    if let Some(key) = listener_key(child) {
+        count(ctx, key, listen_kind::HANDSHAKE);
+    }
+}
+
+/// Histogram bucket of an accept-queue length: upper bounds 0, 1, 2, 4, … 65536, +Inf.
+fn bucket(len: u32) -> u8 {
+    if len == 0 {
+        return 0;
+    }
+    let mut bound = 1u32;
+    let mut i = 1u8;
+    while i < listen_kind::OCCUPANCY_BUCKETS - 1 {
+        if len <= bound {
+            return i;
+        }
+        bound <<= 1;
+        i += 1;
+    }
+    listen_kind::OCCUPANCY_BUCKETS - 1
+}
+
+/// cgroup_skb ingress: a segment about to be handled by a listener.
+#[cgroup_skb]
+pub fn listen_ingress(ctx: SkBuffContext) -> i32 {
+    ingress(&ctx);
+    1
+}
+
+fn ingress(ctx: &SkBuffContext) -> Option<()> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let skb = unsafe { &*ctx.skb.skb };
+    let flags_at = match u32::from_be(skb.protocol) {
+        ETH_P_IP => {
+            let v: u8 = ctx.load(0).ok()?;
+            let proto: u8 = ctx.load(9).ok()?;
+            if proto != IPPROTO_TCP as u8 {
+                return None;
+            }
+            usize::from(v & 0x0f) * 4 + 13
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = ctx.load(6).ok()?;
+            if next != IPPROTO_TCP as u8 {
+                return None;
+            }
+            40 + 13
+        }
+        _ => return None,
     };
-    if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
-        count_map_error(map_error::LISTEN_PORTS);
+    let flags: u8 = ctx.load(flags_at).ok()?;
+    // SAFETY: `sk` is the union's only member for cgroup_skb programs.
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: helper call on the context's socket.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return None;
+    }
+    // SAFETY: a full socket the verifier knows.
+    let state = unsafe { (*full).state };
+    if state != TCP_LISTEN {
+        return None;
+    }
+    let listener = address_of(full as u64)?;
+    let key = listener_key(listener)?;
+    if flags & TH_SYN == 0 {
+        // An ACK for a request socket: remember the listener for the handshake counter.
+        if let Some(stash) = HANDSHAKE_STASH.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot.
+            unsafe { *stash = HandshakeStash { listener, key } };
+        }
+        return None;
+    }
+    if flags & TH_ACK != 0 {
+        return None;
+    }
+    syn_decision(ctx, listener, key)
+}
+
+/// The tests of `tcp_conn_request()`, in its order, on the listener's state now.
+fn syn_decision(ctx: &SkBuffContext, listener: u64, key: ListenerKey) -> Option<()> {
+    let net: u64 = kread(listener, layout(|l| &l.sk_net))?;
+    let syncookies: u8 = kread(net, layout(|l| &l.net_syncookies))?;
+    let qlen: i32 = kread(listener, layout(|l| &l.icsk_qlen))?;
+    let backlog: u32 = kread(listener, layout(|l| &l.sk_ack_backlog))?;
+    let limit: u32 = kread(listener, layout(|l| &l.sk_max_ack_backlog))?;
+    let qlen = qlen.max(0) as u32;
+    let synq_full = if layout(|l| &l.synq_full_at_limit) != 0 {
+        qlen >= limit
+    } else {
+        qlen > limit
+    };
+    if syncookies == 2 || synq_full {
+        if syncookies != 0 {
+            count(ctx, key, listen_kind::SYN_QUEUE_FULL_COOKIE);
+        } else {
+            count(ctx, key, listen_kind::SYN_QUEUE_FULL_DROP);
+            return None;
+        }
+    }
+    if backlog > limit {
+        count(ctx, key, listen_kind::OVERFLOW_SYN);
+    }
+    Some(())
+}
+
+/// The kernel address behind a verifier-typed socket pointer, as a plain number: reading the
+/// pointer back from the stack through the helper makes it a scalar, so offsets resolved at
+/// start-up can be added to it.
+#[inline(always)]
+fn address_of(ptr: u64) -> Option<u64> {
+    let slot = ptr;
+    // SAFETY: reads 8 bytes of our own stack.
+    unsafe { bpf_probe_read_kernel(&slot as *const u64).ok() }
+}
+
+/// `skb:kfree_skb`: the ACK-stage accept-queue overflow, as the kernel itself reports it.
+#[tracepoint]
+pub fn listen_ack_drop(ctx: TracePointContext) -> u32 {
+    let wanted = layout(|l| &l.reason_listen_overflow);
+    let reason: u32 = record(&ctx, layout(|l| &l.kfree_reason)).unwrap_or(u32::MAX);
+    if reason != wanted {
+        return 0;
+    }
+    let sk: u64 = record(&ctx, layout(|l| &l.kfree_rx_sk)).unwrap_or(0);
+    if let Some(key) = listener_key(sk) {
+        count(&ctx, key, listen_kind::OVERFLOW_ACK);
+    }
+    0
+}
+
+/// `tcp:tcp_retransmit_synack`: the listener retransmitted a SYN-ACK.
+#[tracepoint]
+pub fn listen_synack(ctx: TracePointContext) -> u32 {
+    let sk: u64 = record(&ctx, layout(|l| &l.synack_skaddr)).unwrap_or(0);
+    if let Some(key) = listener_key(sk) {
+        count(&ctx, key, listen_kind::SYNACK_RETRANSMIT);
     }
     0
 }

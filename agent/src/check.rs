@@ -62,7 +62,7 @@ pub fn check(args: &CheckArgs) -> bool {
             detail: e.to_string(),
         },
     });
-    let support = KernelSupport::probe(&[], args.tracefs.as_deref());
+    let support = KernelSupport::probe(&[], &args.paths.to_paths());
     lines.push(match &support.tracefs {
         Some(dir) => Line {
             ok: true,

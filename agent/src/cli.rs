@@ -70,9 +70,9 @@ pub struct RunArgs {
     /// listeners are seen at once by the kernel; the refresh prunes closed ones).
     #[arg(long = "listeners.refresh-interval", value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refresh_seconds: u64,
-    /// tracefs mount point; found (or mounted) automatically when not given.
-    #[arg(long = "path.tracefs", value_name = "DIR")]
-    pub tracefs: Option<PathBuf>,
+    /// Where the kernel's interfaces are.
+    #[command(flatten)]
+    pub paths: PathArgs,
     /// Which collectors run.
     #[command(flatten)]
     pub collectors: CollectorFlags,
@@ -81,9 +81,31 @@ pub struct RunArgs {
 /// Options of `sockscope check`.
 #[derive(Clone, Debug, Args)]
 pub struct CheckArgs {
+    /// Where the kernel's interfaces are.
+    #[command(flatten)]
+    pub paths: PathArgs,
+}
+
+/// `--path.*`: where the kernel's interfaces are mounted, when not where the agent looks.
+#[derive(Clone, Debug, Args)]
+pub struct PathArgs {
     /// tracefs mount point; found (or mounted) automatically when not given.
     #[arg(long = "path.tracefs", value_name = "DIR")]
     pub tracefs: Option<PathBuf>,
+    /// Root of the cgroup v2 hierarchy; found in /proc/self/mountinfo when not given (in a
+    /// container, mount the host's and name it here).
+    #[arg(long = "path.cgroup2", value_name = "DIR")]
+    pub cgroup2: Option<PathBuf>,
+}
+
+impl PathArgs {
+    /// As the probes take them.
+    pub fn to_paths(&self) -> crate::probes::Paths {
+        crate::probes::Paths {
+            tracefs: self.tracefs.clone(),
+            cgroup2: self.cgroup2.clone(),
+        }
+    }
 }
 
 /// `--web.listen-address`: an address, or only a port for every address.

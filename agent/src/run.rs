@@ -93,7 +93,7 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
 async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let netns = kernel::own_netns()?;
     let disabled = args.collectors.disabled();
-    let support = KernelSupport::probe(&disabled, args.tracefs.as_deref());
+    let support = KernelSupport::probe(&disabled, &args.paths.to_paths());
     let mut probes = match Probes::load(support) {
         Ok(p) => Some(p),
         Err(e) => {

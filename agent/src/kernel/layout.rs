@@ -16,6 +16,65 @@ pub fn struct_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), 
     layout.net_inum = btf.offset_of("net", &["ns", "inum"])?;
     layout.skb_dev = btf.offset_of("sk_buff", &["dev"])?;
     layout.dev_net = btf.offset_of("net_device", &["nd_net"])? + net_ptr;
+    layout.sk_family = btf.offset_of("sock_common", &["skc_family"])?;
+    layout.sk_num = btf.offset_of("sock_common", &["skc_num"])?;
+    layout.sk_rcv_saddr = btf.offset_of("sock_common", &["skc_rcv_saddr"])?;
+    // Absent on kernels built without IPv6.
+    layout.sk_v6_rcv_saddr = btf
+        .offset_of("sock_common", &["skc_v6_rcv_saddr"])
+        .unwrap_or(FIELD_ABSENT);
+    Ok(())
+}
+
+/// What the listener program reads of a listening socket and its namespace.
+pub fn listener_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    layout.sk_ack_backlog = btf.offset_of("sock", &["sk_ack_backlog"])?;
+    layout.sk_max_ack_backlog = btf.offset_of("sock", &["sk_max_ack_backlog"])?;
+    // `qlen` is an atomic_t, whose only member is the int.
+    layout.icsk_qlen = btf.offset_of(
+        "inet_connection_sock",
+        &["icsk_accept_queue", "qlen", "counter"],
+    )?;
+    layout.net_syncookies = btf.offset_of("net", &["ipv4", "sysctl_tcp_syncookies"])?;
+    Ok(())
+}
+
+/// `skb:kfree_skb`: needs `rx_sk` (6.11) and the drop reason `TCP_LISTEN_OVERFLOW`.
+pub fn kfree_skb(
+    btf: Option<&KernelBtf>,
+    format: &Format,
+    layout: &mut KernelLayout,
+) -> Result<(), KernelError> {
+    const TP: &str = "skb:kfree_skb";
+    let rx_sk = format.field(TP, "rx_sk")?.offset;
+    let reason = format.field(TP, "reason")?.offset;
+    let value = btf
+        .and_then(|b| {
+            b.enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+                .into_iter()
+                .find(|(_, n)| n == "tcp_listen_overflow")
+        })
+        .map(|(v, _)| v)
+        .or_else(|| {
+            format
+                .symbols("reason")
+                .into_iter()
+                .find(|(_, n)| n == "tcp_listen_overflow")
+                .map(|(v, _)| v)
+        })
+        .ok_or_else(|| KernelError::TracepointLayout {
+            tracepoint: TP.into(),
+            detail: "this kernel has no drop reason TCP_LISTEN_OVERFLOW".into(),
+        })?;
+    layout.kfree_rx_sk = rx_sk;
+    layout.kfree_reason = reason;
+    layout.reason_listen_overflow = u32::try_from(value).unwrap_or(FIELD_ABSENT);
+    Ok(())
+}
+
+/// `tcp:tcp_retransmit_synack`.
+pub fn retransmit_synack(format: &Format, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    layout.synack_skaddr = format.field("tcp:tcp_retransmit_synack", "skaddr")?.offset;
     Ok(())
 }
 
@@ -60,6 +119,7 @@ pub fn receive_reset(format: &Format, layout: &mut KernelLayout) -> Result<(), K
 pub fn set_state(format: &Format, layout: &mut KernelLayout) -> Result<(), KernelError> {
     const TP: &str = "sock:inet_sock_set_state";
     layout.state_skaddr = format.field(TP, "skaddr")?.offset;
+    layout.state_oldstate = format.field(TP, "oldstate")?.offset;
     layout.state_newstate = format.field(TP, "newstate")?.offset;
     layout.state_sport = format.field(TP, "sport")?.offset;
     layout.state_protocol = format.field(TP, "protocol")?.offset;

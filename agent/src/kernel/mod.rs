@@ -2,6 +2,7 @@
 //! network namespaces, /proc counters and sysctls.
 
 pub mod btf;
+pub mod cgroup;
 pub mod layout;
 pub mod procfs;
 pub mod tracefs;
@@ -14,6 +15,9 @@ pub enum KernelError {
     /// BTF is missing or lacks a type the programs need.
     #[error("kernel BTF: {0} (sockscope needs a kernel built with CONFIG_DEBUG_INFO_BTF)")]
     Btf(String),
+    /// No usable cgroup v2 hierarchy.
+    #[error("cgroup v2: {0}")]
+    Cgroup(String),
     /// tracefs could not be found or mounted.
     #[error("tracefs: {0}")]
     Tracefs(String),
@@ -60,9 +64,29 @@ pub fn own_netns() -> Result<u64, KernelError> {
     netns_inode("/proc/thread-self/ns/net")
 }
 
+/// Whether the running kernel's release is below `major.minor` (false when unknown).
+pub fn release_below(major: u32, minor: u32) -> bool {
+    parse_release(&kernel_release()).is_some_and(|v| v < (major, minor))
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_releases() {
+        assert_eq!(super::parse_release("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(super::parse_release("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(super::parse_release("garbage"), None);
+    }
 }

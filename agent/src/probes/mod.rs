@@ -12,52 +12,129 @@ use std::{
 };
 
 use agent_common::KernelLayout;
-use aya::{Ebpf, EbpfLoader, maps::Map, programs::TracePoint};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::Map,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+};
 
-use crate::kernel::{self, KernelError, btf::KernelBtf, layout, tracefs::Format};
+use crate::kernel::{self, btf::KernelBtf, layout, tracefs::Format};
 
 /// The compiled kernel programs, built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockscope"));
+
+/// Where a probe attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A classic tracepoint: category and name.
+    Tracepoint(&'static str, &'static str),
+    /// cgroup_skb ingress at the root of the cgroup v2 hierarchy.
+    CgroupSkbIngress,
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tracepoint(c, n) => write!(f, "tracepoint {c}:{n}"),
+            Self::CgroupSkbIngress => write!(f, "cgroup_skb ingress at the cgroup v2 root"),
+        }
+    }
+}
 
 /// One probe: a program and the kernel interface it attaches to.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeSpec {
     /// Value of the `probe` label; also the program's name.
     pub name: &'static str,
-    /// Tracepoint category and name.
-    pub tracepoint: (&'static str, &'static str),
-    /// Collector whose metrics depend on it.
-    pub collector: &'static str,
+    /// Where it attaches.
+    pub hook: Hook,
+    /// Collectors whose metrics depend on it; it is left out when all are disabled.
+    pub collectors: &'static [&'static str],
     /// What the kernel must offer, for `sockscope check` and the docs.
     pub needs: &'static str,
-    /// Fills the record offsets this probe reads.
-    resolve: fn(&Format, &mut KernelLayout) -> Result<(), KernelError>,
+    /// Fills the offsets this probe reads.
+    resolve: fn(&Resolver, &mut KernelLayout) -> Result<(), String>,
 }
 
 /// Every probe the agent knows, in attach order.
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "listen_track",
-        tracepoint: ("sock", "inet_sock_set_state"),
-        collector: "resets",
+        hook: Hook::Tracepoint("sock", "inet_sock_set_state"),
+        collectors: &["resets", "listen"],
         needs: "tracepoint sock:inet_sock_set_state (Linux 4.16)",
-        resolve: layout::set_state,
+        resolve: |r, l| {
+            layout::set_state(&r.format("sock:inet_sock_set_state")?, l).map_err(|e| e.to_string())
+        },
     },
     ProbeSpec {
         name: "rst_send",
-        tracepoint: ("tcp", "tcp_send_reset"),
-        collector: "resets",
+        hook: Hook::Tracepoint("tcp", "tcp_send_reset"),
+        collectors: &["resets"],
         needs: "tracepoint tcp:tcp_send_reset (Linux 4.15; `reason` and resets without a socket since 6.10)",
-        resolve: layout::send_reset,
+        resolve: |r, l| {
+            layout::send_reset(&r.format("tcp:tcp_send_reset")?, l).map_err(|e| e.to_string())
+        },
     },
     ProbeSpec {
         name: "rst_recv",
-        tracepoint: ("tcp", "tcp_receive_reset"),
-        collector: "resets",
+        hook: Hook::Tracepoint("tcp", "tcp_receive_reset"),
+        collectors: &["resets"],
         needs: "tracepoint tcp:tcp_receive_reset (Linux 4.15)",
-        resolve: layout::receive_reset,
+        resolve: |r, l| {
+            layout::receive_reset(&r.format("tcp:tcp_receive_reset")?, l).map_err(|e| e.to_string())
+        },
+    },
+    ProbeSpec {
+        name: "listen_ingress",
+        hook: Hook::CgroupSkbIngress,
+        collectors: &["listen"],
+        needs: "cgroup v2 with cgroup_skb programs and bpf_link (Linux 5.7), BTF for struct sock and struct net",
+        resolve: |r, l| {
+            r.cgroup2.as_ref().map_err(Clone::clone)?;
+            layout::listener_offsets(r.btf()?, l).map_err(|e| e.to_string())
+        },
+    },
+    ProbeSpec {
+        name: "listen_ack_drop",
+        hook: Hook::Tracepoint("skb", "kfree_skb"),
+        collectors: &["listen"],
+        needs: "tracepoint skb:kfree_skb with `rx_sk` (Linux 6.11) and drop reason TCP_LISTEN_OVERFLOW",
+        resolve: |r, l| {
+            let format = r.format("skb:kfree_skb")?;
+            layout::kfree_skb(r.btf().ok(), &format, l).map_err(|e| e.to_string())
+        },
+    },
+    ProbeSpec {
+        name: "listen_synack",
+        hook: Hook::Tracepoint("tcp", "tcp_retransmit_synack"),
+        collectors: &["listen"],
+        needs: "tracepoint tcp:tcp_retransmit_synack (Linux 4.15)",
+        resolve: |r, l| {
+            layout::retransmit_synack(&r.format("tcp:tcp_retransmit_synack")?, l)
+                .map_err(|e| e.to_string())
+        },
     },
 ];
+
+/// What start-up found out about the kernel, for the probes' `resolve`.
+pub struct Resolver {
+    tracefs: Result<PathBuf, String>,
+    btf: Result<KernelBtf, String>,
+    cgroup2: Result<PathBuf, String>,
+}
+
+impl Resolver {
+    /// A tracepoint's format.
+    fn format(&self, tracepoint: &str) -> Result<Format, String> {
+        let dir = self.tracefs.as_ref().map_err(Clone::clone)?;
+        layout::format(dir, tracepoint).map_err(|e| e.to_string())
+    }
+
+    fn btf(&self) -> Result<&KernelBtf, String> {
+        self.btf.as_ref().map_err(Clone::clone)
+    }
+}
 
 /// Whether one probe works, and why not.
 #[derive(Clone, Debug)]
@@ -83,6 +160,15 @@ pub enum ProbeError {
     NoObject,
 }
 
+/// Where the agent finds the kernel's interfaces; `None` means find them.
+#[derive(Clone, Debug, Default)]
+pub struct Paths {
+    /// tracefs.
+    pub tracefs: Option<PathBuf>,
+    /// The root of the cgroup v2 hierarchy.
+    pub cgroup2: Option<PathBuf>,
+}
+
 /// What the running kernel offers for the probes, resolved without loading anything.
 pub struct KernelSupport {
     /// The layout to hand to the programs.
@@ -93,46 +179,50 @@ pub struct KernelSupport {
     pub reset_reasons: HashMap<u8, String>,
     /// Where tracefs is.
     pub tracefs: Option<PathBuf>,
+    /// Where the cgroup v2 root is.
+    pub cgroup2: Option<PathBuf>,
 }
 
 impl KernelSupport {
     /// Resolves BTF offsets and tracepoint layouts. Never fails: what is missing makes the
     /// probes that need it unavailable, with the reason.
-    pub fn probe(forced_off: &[&str], tracefs: Option<&Path>) -> Self {
+    pub fn probe(disabled: &[&str], paths: &Paths) -> Self {
         let mut layout = KernelLayout::ABSENT;
-        let tracefs = kernel::tracefs::tracefs_dir(tracefs);
-        let btf = KernelBtf::load();
-        let structs = btf
-            .as_ref()
-            .map_err(ToString::to_string)
+        let resolver = Resolver {
+            tracefs: kernel::tracefs::tracefs_dir(paths.tracefs.as_deref())
+                .map_err(|e| e.to_string()),
+            btf: KernelBtf::load().map_err(|e| e.to_string()),
+            cgroup2: kernel::cgroup::cgroup2_root(paths.cgroup2.as_deref())
+                .map_err(|e| e.to_string()),
+        };
+        let structs = resolver
+            .btf()
             .and_then(|b| layout::struct_offsets(b, &mut layout).map_err(|e| e.to_string()));
-        let mut send_format = None;
+        layout.synq_full_at_limit = u32::from(kernel::release_below(6, 14));
         let probes = PROBES
             .iter()
             .map(|spec| {
-                let available = (|| {
-                    if forced_off.contains(&spec.collector) {
-                        return Err(format!("collector {} is disabled", spec.collector));
-                    }
-                    let dir = tracefs.as_ref().map_err(ToString::to_string)?;
-                    structs.clone()?;
-                    let format = Format::read(dir, spec.tracepoint.0, spec.tracepoint.1)
-                        .map_err(|e| e.to_string())?;
-                    (spec.resolve)(&format, &mut layout).map_err(|e| e.to_string())?;
-                    if spec.name == "rst_send" {
-                        send_format = Some(format);
-                    }
-                    Ok(())
-                })();
+                let available = if spec.collectors.iter().all(|c| disabled.contains(c)) {
+                    Err(format!(
+                        "collector {} is disabled",
+                        spec.collectors.join(", ")
+                    ))
+                } else {
+                    structs
+                        .clone()
+                        .and_then(|()| (spec.resolve)(&resolver, &mut layout))
+                };
                 (*spec, available)
             })
             .collect();
-        let reset_reasons = layout::reset_reasons(btf.as_ref().ok(), send_format.as_ref());
+        let send_format = resolver.format("tcp:tcp_send_reset").ok();
+        let reset_reasons = layout::reset_reasons(resolver.btf.as_ref().ok(), send_format.as_ref());
         Self {
             layout,
             probes,
             reset_reasons,
-            tracefs: tracefs.ok(),
+            tracefs: resolver.tracefs.ok(),
+            cgroup2: resolver.cgroup2.ok(),
         }
     }
 }
@@ -158,17 +248,19 @@ impl Probes {
             .override_global("LAYOUT", &support.layout, true)
             .load(EBPF_OBJECT)?;
         let logger_task = forward_kernel_log(&mut ebpf);
+        let cgroup2 = support.cgroup2.clone();
         let status = support
             .probes
             .into_iter()
             .map(|(spec, available)| {
-                let result =
-                    available.and_then(|()| attach(&mut ebpf, &spec).map_err(|e| e.to_string()));
+                let result = available.and_then(|()| {
+                    attach(&mut ebpf, &spec, cgroup2.as_deref()).map_err(|e| e.to_string())
+                });
                 match result {
                     Ok(()) => ProbeStatus {
                         spec,
                         up: true,
-                        detail: format!("attached to {}:{}", spec.tracepoint.0, spec.tracepoint.1),
+                        detail: format!("attached to {}", spec.hook),
                     },
                     Err(detail) => {
                         tracing::warn!(probe = spec.name, "probe unavailable: {detail}");
@@ -200,13 +292,37 @@ impl Probes {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), Box<dyn std::error::Error>> {
-    let program: &mut TracePoint = ebpf
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProbeSpec,
+    cgroup2: Option<&Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let program = ebpf
         .program_mut(spec.name)
-        .ok_or_else(|| format!("program {} missing from the object", spec.name))?
-        .try_into()?;
-    program.load()?;
-    program.attach(spec.tracepoint.0, spec.tracepoint.1)?;
+        .ok_or_else(|| format!("program {} missing from the object", spec.name))?;
+    match spec.hook {
+        Hook::Tracepoint(category, name) => {
+            let program: &mut TracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(category, name)?;
+        }
+        Hook::CgroupSkbIngress => {
+            let root = cgroup2.ok_or("no cgroup v2 hierarchy")?;
+            let cgroup =
+                std::fs::File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+            let program: &mut CgroupSkb = program.try_into()?;
+            program.load()?;
+            // Through bpf_link (Linux 5.7+) the attachment never displaces or blocks other
+            // programs on the same cgroup; the multi flag is for the older prog_attach path
+            // only, and bpf_link_create refuses it (EINVAL).
+            let mode = if kernel::release_below(5, 7) {
+                CgroupAttachMode::AllowMultiple
+            } else {
+                CgroupAttachMode::Single
+            };
+            program.attach(&cgroup, CgroupSkbAttachType::Ingress, mode)?;
+        }
+    }
     Ok(())
 }
 
