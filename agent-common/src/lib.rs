@@ -155,6 +155,15 @@ pub struct KernelLayout {
     pub icsk_qlen: u32,
     /// `struct net`: `ipv4.sysctl_tcp_syncookies`.
     pub net_syncookies: u32,
+    /// `struct inet_sock`: `inet_sport` (network order). Unlike `skc_num`, it survives the
+    /// move to CLOSE, which releases the port before an abort sends its RST.
+    pub inet_sport: u32,
+    /// `struct sock`: `sk_protocol` (a u16 since Linux 5.6), or [`FIELD_ABSENT`].
+    pub sk_protocol: u32,
+    /// `struct sk_buff`: `head`.
+    pub skb_head: u32,
+    /// `struct sk_buff`: `transport_header` (u16 offset from `head`).
+    pub skb_transport_header: u32,
     /// 1 when the kernel calls the SYN queue full at `qlen >= limit` (before Linux 6.14 and
     /// its stable backports), 0 for `qlen > limit`.
     pub synq_full_at_limit: u32,
@@ -198,6 +207,10 @@ pub struct KernelLayout {
 
     /// `tcp:tcp_retransmit_synack`: `skaddr` (the listener).
     pub synack_skaddr: u32,
+
+    /// Raw tracepoint `tcp_send_reset`: 2 when its third argument is the reason (6.10),
+    /// else [`FIELD_ABSENT`].
+    pub raw_send_reason: u32,
 }
 
 impl KernelLayout {
@@ -216,6 +229,10 @@ impl KernelLayout {
         sk_max_ack_backlog: FIELD_ABSENT,
         icsk_qlen: FIELD_ABSENT,
         net_syncookies: FIELD_ABSENT,
+        inet_sport: FIELD_ABSENT,
+        sk_protocol: FIELD_ABSENT,
+        skb_head: FIELD_ABSENT,
+        skb_transport_header: FIELD_ABSENT,
         synq_full_at_limit: 0,
         rst_send_skaddr: FIELD_ABSENT,
         rst_send_skbaddr: FIELD_ABSENT,
@@ -234,6 +251,7 @@ impl KernelLayout {
         kfree_reason: FIELD_ABSENT,
         reason_listen_overflow: FIELD_ABSENT,
         synack_skaddr: FIELD_ABSENT,
+        raw_send_reason: FIELD_ABSENT,
     };
 }
 
@@ -262,7 +280,7 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 31 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 36 * 4);
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);
     }

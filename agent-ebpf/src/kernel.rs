@@ -63,6 +63,17 @@ pub fn kread<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// Destination port of a received segment (the local port), from its TCP header.
+#[inline(always)]
+pub fn skb_local_port(skb: u64) -> u16 {
+    let head: u64 = kread(skb, layout(|l| &l.skb_head)).unwrap_or(0);
+    let th: u16 = kread(skb, layout(|l| &l.skb_transport_header)).unwrap_or(0);
+    if head == 0 || th == u16::MAX {
+        return 0;
+    }
+    kread::<u16>(head + u64::from(th), 2).map_or(0, u16::from_be)
+}
+
 /// Network namespace inode of a socket (`sock_common`, so request and timewait sockets too).
 #[inline(always)]
 pub fn sk_netns(sk: u64) -> u32 {

@@ -15,10 +15,11 @@ use agent_common::{
     HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey, TCP_LISTEN, listen_kind, map_error,
 };
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_probe_read_kernel, bpf_sk_fullsock},
-    macros::{cgroup_skb, map, tracepoint},
+    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::{SkBuffContext, TracePointContext},
+    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
 };
 
 use crate::kernel::{
@@ -45,16 +46,8 @@ fn count<C: aya_ebpf::EbpfContext>(ctx: &C, mut key: ListenerKey, kind: u8) {
     increment(ctx, &LISTEN_EVENTS, &key, map_error::LISTEN_EVENTS);
 }
 
-/// `sock:inet_sock_set_state`.
-#[tracepoint]
-pub fn listen_track(ctx: TracePointContext) -> u32 {
-    let protocol: u16 = record(&ctx, layout(|l| &l.state_protocol)).unwrap_or(0);
-    if protocol != IPPROTO_TCP {
-        return 0;
-    }
-    let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
-    let sk: u64 = record(&ctx, layout(|l| &l.state_skaddr)).unwrap_or(0);
-    let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
+/// What `inet_sock_set_state` tells: mark new listeners, count completed handshakes.
+fn set_state<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32, port: u16) {
     if newstate as u32 == TCP_LISTEN {
         let key = ListenPortKey {
             netns: sk_netns(sk),
@@ -64,17 +57,51 @@ pub fn listen_track(ctx: TracePointContext) -> u32 {
         if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
             count_map_error(map_error::LISTEN_PORTS);
         }
+    } else if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
+        handshake(ctx, sk, port);
+    }
+}
+
+/// Raw `inet_sock_set_state(sk, oldstate, newstate)`.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
+    let oldstate = ctx.arg::<u64>(1) as i32;
+    let newstate = ctx.arg::<u64>(2) as i32;
+    // Most transitions matter to nobody here: decide before reading the socket.
+    let wanted =
+        newstate as u32 == TCP_LISTEN || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED);
+    if !wanted {
         return 0;
     }
-    let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
-    if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
-        handshake(&ctx, sk, port);
+    let sk: u64 = ctx.arg(0);
+    // The tracepoint also fires for SCTP and MPTCP sockets.
+    if let Some(protocol) = kread::<u16>(sk, layout(|l| &l.sk_protocol))
+        && protocol != IPPROTO_TCP
+    {
+        return 0;
     }
+    let port: u16 = kread(sk, layout(|l| &l.sk_num)).unwrap_or(0);
+    set_state(&ctx, sk, oldstate, newstate, port);
+    0
+}
+
+/// Classic `sock:inet_sock_set_state`.
+#[tracepoint]
+pub fn lsn_track_tp(ctx: TracePointContext) -> u32 {
+    let protocol: u16 = record(&ctx, layout(|l| &l.state_protocol)).unwrap_or(0);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let sk: u64 = record(&ctx, layout(|l| &l.state_skaddr)).unwrap_or(0);
+    let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
+    let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
+    let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
+    set_state(&ctx, sk, oldstate, newstate, port);
     0
 }
 
 /// A passive child became ESTABLISHED: it was just added to its listener's accept queue.
-fn handshake(ctx: &TracePointContext, child: u64, port: u16) {
+fn handshake<C: EbpfContext>(ctx: &C, child: u64, port: u16) {
     let netns = sk_netns(child);
     let stash = HANDSHAKE_STASH.get_ptr_mut(0);
     if let Some(stash) = stash {
@@ -127,7 +154,7 @@ fn bucket(len: u32) -> u8 {
 
 /// cgroup_skb ingress: a segment about to be handled by a listener.
 #[cgroup_skb]
-pub fn listen_ingress(ctx: SkBuffContext) -> i32 {
+pub fn lsn_ingress(ctx: SkBuffContext) -> i32 {
     ingress(&ctx);
     1
 }
@@ -135,6 +162,23 @@ pub fn listen_ingress(ctx: SkBuffContext) -> i32 {
 fn ingress(ctx: &SkBuffContext) -> Option<()> {
     // SAFETY: the context pointer is valid for the program's run.
     let skb = unsafe { &*ctx.skb.skb };
+    // The socket first: most segments go to established sockets and stop here, before any
+    // packet bytes are read.
+    // SAFETY: `sk` is the union's only member for cgroup_skb programs.
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: helper call on the context's socket.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return None;
+    }
+    // SAFETY: a full socket the verifier knows.
+    let state = unsafe { (*full).state };
+    if state != TCP_LISTEN {
+        return None;
+    }
     let flags_at = match u32::from_be(skb.protocol) {
         ETH_P_IP => {
             let v: u8 = ctx.load(0).ok()?;
@@ -154,21 +198,6 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
         _ => return None,
     };
     let flags: u8 = ctx.load(flags_at).ok()?;
-    // SAFETY: `sk` is the union's only member for cgroup_skb programs.
-    let sk = unsafe { skb.__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: helper call on the context's socket.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket the verifier knows.
-    let state = unsafe { (*full).state };
-    if state != TCP_LISTEN {
-        return None;
-    }
     let listener = address_of(full as u64)?;
     let key = listener_key(listener)?;
     if flags & TH_SYN == 0 {
@@ -222,24 +251,53 @@ fn address_of(ptr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel(&slot as *const u64).ok() }
 }
 
-/// `skb:kfree_skb`: the ACK-stage accept-queue overflow, as the kernel itself reports it.
-#[tracepoint]
-pub fn listen_ack_drop(ctx: TracePointContext) -> u32 {
-    let wanted = layout(|l| &l.reason_listen_overflow);
-    let reason: u32 = record(&ctx, layout(|l| &l.kfree_reason)).unwrap_or(u32::MAX);
-    if reason != wanted {
+fn ack_drop<C: EbpfContext>(ctx: &C, reason: u32, sk: u64) {
+    if reason == layout(|l| &l.reason_listen_overflow)
+        && let Some(key) = listener_key(sk)
+    {
+        count(ctx, key, listen_kind::OVERFLOW_ACK);
+    }
+}
+
+/// Raw `kfree_skb(skb, location, reason, rx_sk)`: the ACK-stage accept-queue overflow, as
+/// the kernel itself reports it. Argument positions checked by the agent in BTF.
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn lsn_ackdrop_raw(ctx: RawTracePointContext) -> i32 {
+    let reason = ctx.arg::<u64>(2) as u32;
+    if reason != layout(|l| &l.reason_listen_overflow) {
         return 0;
     }
-    let sk: u64 = record(&ctx, layout(|l| &l.kfree_rx_sk)).unwrap_or(0);
-    if let Some(key) = listener_key(sk) {
-        count(&ctx, key, listen_kind::OVERFLOW_ACK);
+    ack_drop(&ctx, reason, ctx.arg(3));
+    0
+}
+
+/// Classic `skb:kfree_skb`.
+#[tracepoint]
+pub fn lsn_ackdrop_tp(ctx: TracePointContext) -> u32 {
+    let reason: u32 = record(&ctx, layout(|l| &l.kfree_reason)).unwrap_or(u32::MAX);
+    if reason != layout(|l| &l.reason_listen_overflow) {
+        return 0;
+    }
+    ack_drop(
+        &ctx,
+        reason,
+        record(&ctx, layout(|l| &l.kfree_rx_sk)).unwrap_or(0),
+    );
+    0
+}
+
+/// Raw `tcp_retransmit_synack(sk, req)`: the listener retransmitted a SYN-ACK.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn lsn_synack_raw(ctx: RawTracePointContext) -> i32 {
+    if let Some(key) = listener_key(ctx.arg(0)) {
+        count(&ctx, key, listen_kind::SYNACK_RETRANSMIT);
     }
     0
 }
 
-/// `tcp:tcp_retransmit_synack`: the listener retransmitted a SYN-ACK.
+/// Classic `tcp:tcp_retransmit_synack`.
 #[tracepoint]
-pub fn listen_synack(ctx: TracePointContext) -> u32 {
+pub fn lsn_synack_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.synack_skaddr)).unwrap_or(0);
     if let Some(key) = listener_key(sk) {
         count(&ctx, key, listen_kind::SYNACK_RETRANSMIT);

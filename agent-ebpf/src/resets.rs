@@ -1,14 +1,18 @@
-//! Resets sent and received, from the `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`
-//! tracepoints → `sockscope_tcp_resets_{sent,received}_total`.
+//! Resets sent and received → `sockscope_tcp_resets_{sent,received}_total`, from the
+//! `tcp_send_reset` and `tcp_receive_reset` tracepoints: as raw tracepoints (preferred:
+//! no record is formatted) or as classic tracepoints.
 
-use agent_common::{REASON_UNKNOWN, ResetKey, STATE_NONE, map_error};
+use agent_common::{FIELD_ABSENT, REASON_UNKNOWN, ResetKey, STATE_NONE, map_error};
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    EbpfContext,
+    macros::{map, raw_tracepoint, tracepoint},
     maps::PerCpuHashMap,
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 
-use crate::kernel::{increment, kread, layout, port_label, record, sk_netns, skb_netns};
+use crate::kernel::{
+    increment, kread, layout, port_label, record, sk_netns, skb_local_port, skb_netns,
+};
 
 /// Resets sent, by (netns, port, state, reason).
 #[map]
@@ -18,9 +22,96 @@ static RESETS_SENT: PerCpuHashMap<ResetKey, u64> = PerCpuHashMap::with_max_entri
 #[map]
 static RESETS_RECV: PerCpuHashMap<ResetKey, u64> = PerCpuHashMap::with_max_entries(8192, 0);
 
-/// `tcp:tcp_send_reset`: every RST the stack sends, with or without a socket.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+fn reason_label(reason: Option<u32>) -> u8 {
+    match reason {
+        Some(r) if r < u32::from(REASON_UNKNOWN) => r as u8,
+        _ => REASON_UNKNOWN,
+    }
+}
+
+fn count_sent<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8, reason: u8) {
+    let key = ResetKey {
+        netns,
+        port: port_label(netns, port),
+        state,
+        reason,
+    };
+    increment(ctx, &RESETS_SENT, &key, map_error::RESETS_SENT);
+}
+
+fn count_received<C: EbpfContext>(ctx: &C, sk: u64, port: u16) {
+    let netns = sk_netns(sk);
+    // The classic record carries no state on recent kernels: read it from the socket.
+    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+    let key = ResetKey {
+        netns,
+        port: port_label(netns, port),
+        state,
+        reason: 0,
+    };
+    increment(ctx, &RESETS_RECV, &key, map_error::RESETS_RECV);
+}
+
+/// Raw `tcp_send_reset(sk, skb[, reason])`: every RST the stack sends. The argument
+/// positions are the tracepoint's ABI; the agent checks their types in BTF before choosing
+/// this path (the verifier only allows constant offsets into the context).
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn rst_send_raw(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let reason = if layout(|l| &l.raw_send_reason) == FIELD_ABSENT {
+        None
+    } else {
+        Some(ctx.arg::<u64>(2) as u32)
+    };
+    if sk != 0 {
+        // Full, request and timewait sockets all begin with sock_common.
+        let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_sent(
+            &ctx,
+            sk_netns(sk),
+            local_port(sk, state),
+            state,
+            reason_label(reason),
+        );
+    } else {
+        let skb: u64 = ctx.arg(1);
+        count_sent(
+            &ctx,
+            skb_netns(skb),
+            skb_local_port(skb),
+            STATE_NONE,
+            reason_label(reason),
+        );
+    }
+    0
+}
+
+/// The local port of a socket in `state`: `inet_sport` for full sockets (their `skc_num` is
+/// already 0 when an abort moves them to CLOSE before the RST), `skc_num` for timewait and
+/// request sockets, which have no `inet_sock`.
+fn local_port(sk: u64, state: u8) -> u16 {
+    if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
+        kread(sk, layout(|l| &l.sk_num)).unwrap_or(0)
+    } else {
+        kread::<u16>(sk, layout(|l| &l.inet_sport)).map_or(0, u16::from_be)
+    }
+}
+
+/// Raw `tcp_receive_reset(sk)`: an RST accepted by a socket (`tcp_reset()`).
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn rst_recv_raw(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+    count_received(&ctx, sk, local_port(sk, state));
+    0
+}
+
+/// Classic `tcp:tcp_send_reset`.
 #[tracepoint]
-pub fn rst_send(ctx: TracePointContext) -> u32 {
+pub fn rst_send_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.rst_send_skaddr)).unwrap_or(0);
     let netns = if sk != 0 {
         sk_netns(sk)
@@ -35,40 +126,22 @@ pub fn rst_send(ctx: TracePointContext) -> u32 {
     } else {
         STATE_NONE
     };
-    let reason = match record::<u32>(&ctx, layout(|l| &l.rst_send_reason)) {
-        Some(r) if r < u32::from(REASON_UNKNOWN) => r as u8,
-        _ => REASON_UNKNOWN,
-    };
+    let reason = record::<u32>(&ctx, layout(|l| &l.rst_send_reason));
     let port = record::<u16>(&ctx, layout(|l| &l.rst_send_port)).unwrap_or(0);
     let port = if layout(|l| &l.rst_send_port_be) != 0 {
         u16::from_be(port)
     } else {
         port
     };
-    let key = ResetKey {
-        netns,
-        port: port_label(netns, port),
-        state,
-        reason,
-    };
-    increment(&ctx, &RESETS_SENT, &key, map_error::RESETS_SENT);
+    count_sent(&ctx, netns, port, state, reason_label(reason));
     0
 }
 
-/// `tcp:tcp_receive_reset`: an RST accepted by a socket (`tcp_reset()`).
+/// Classic `tcp:tcp_receive_reset`.
 #[tracepoint]
-pub fn rst_recv(ctx: TracePointContext) -> u32 {
+pub fn rst_recv_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.rst_recv_skaddr)).unwrap_or(0);
-    let netns = sk_netns(sk);
-    // The record carries no state on recent kernels: read it from the socket.
-    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
     let port = record::<u16>(&ctx, layout(|l| &l.rst_recv_port)).unwrap_or(0);
-    let key = ResetKey {
-        netns,
-        port: port_label(netns, port),
-        state,
-        reason: 0,
-    };
-    increment(&ctx, &RESETS_RECV, &key, map_error::RESETS_RECV);
+    count_received(&ctx, sk, port);
     0
 }

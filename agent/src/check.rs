@@ -62,7 +62,7 @@ pub fn check(args: &CheckArgs) -> bool {
             detail: e.to_string(),
         },
     });
-    let support = KernelSupport::probe(&[], &args.paths.to_paths());
+    let support = KernelSupport::probe(&[], &args.paths.to_paths(), args.paths.probe_mode);
     lines.push(match &support.tracefs {
         Some(dir) => Line {
             ok: true,
@@ -89,11 +89,7 @@ pub fn check(args: &CheckArgs) -> bool {
     });
     // Attach for real when we may: a probe is only available if the kernel accepts it.
     if can_run {
-        let specs: Vec<_> = support
-            .probes
-            .iter()
-            .map(|(s, a)| (s.name, s.needs, a.clone()))
-            .collect();
+        let specs: Vec<_> = support.probes.iter().map(|(s, _)| s.name).collect();
         match Probes::load(support) {
             Ok(probes) => {
                 for status in &probes.status {
@@ -110,7 +106,7 @@ pub fn check(args: &CheckArgs) -> bool {
                 // Dropping `probes` detaches everything again.
             }
             Err(e) => {
-                for (name, _, _) in specs {
+                for name in specs {
                     lines.push(Line {
                         ok: false,
                         feature: format!("probe {name}"),
@@ -120,13 +116,25 @@ pub fn check(args: &CheckArgs) -> bool {
             }
         }
     } else {
-        for (spec, available) in &support.probes {
+        for (spec, paths) in &support.probes {
+            let usable = paths.iter().find(|(_, a)| a.is_ok());
             lines.push(Line {
                 ok: false,
                 feature: format!("probe {}", spec.name),
-                detail: match available {
-                    Ok(()) => "kernel has it; not attached without capabilities".into(),
-                    Err(why) => why.clone(),
+                detail: match usable {
+                    Some((path, _)) => {
+                        format!(
+                            "kernel has {}; not attached without capabilities",
+                            path.hook
+                        )
+                    }
+                    None => paths
+                        .iter()
+                        .filter_map(|(p, a)| {
+                            a.as_ref().err().map(|why| format!("{}: {why}", p.hook))
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 },
             });
         }

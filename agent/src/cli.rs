@@ -12,12 +12,16 @@ pub const COLLECTORS: &[(&str, &str)] = &[
         "TCP resets sent and received, by reason, state and port (eBPF tracepoints)",
     ),
     (
+        "listen",
+        "per-listener accept and SYN queues, drops and listen-overflow events, in every network namespace (sock_diag; eBPF)",
+    ),
+    (
         "netstat",
-        "the kernel's TCP counters of the agent's network namespace (/proc/net/snmp, netstat)",
+        "the kernel's TCP counters of the agent's network namespace and of every one with a listener (/proc/net/snmp, netstat)",
     ),
     (
         "sysctl",
-        "the TCP settings of the agent's network namespace (/proc/sys/net)",
+        "the TCP settings of the agent's network namespace and of every one with a listener (/proc/sys/net)",
     ),
 ];
 
@@ -96,6 +100,10 @@ pub struct PathArgs {
     /// container, mount the host's and name it here).
     #[arg(long = "path.cgroup2", value_name = "DIR")]
     pub cgroup2: Option<PathBuf>,
+    /// Which hooks the probes may use: `auto` takes the cheapest the kernel offers and falls
+    /// back to the next; the others force one kind (to prove each path on a kernel).
+    #[arg(long = "probe.mode", value_enum, default_value_t = crate::probes::ProbeMode::Auto)]
+    pub probe_mode: crate::probes::ProbeMode,
 }
 
 impl PathArgs {

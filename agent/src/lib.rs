@@ -4,7 +4,8 @@
 //! Layout: [`cli`] parses flags, [`run`] wires everything up, [`probes`] loads and attaches
 //! the programs, [`metrics`] reads them at scrape time, [`server`] answers HTTP,
 //! [`kernel`] knows where the running kernel keeps things, [`listeners`] lists listening
-//! sockets through sock_diag.
+//! sockets through sock_diag, [`netns`] finds the host's network namespaces and works inside
+//! each of them.
 
 pub mod caps;
 pub mod check;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod kernel;
 pub mod listeners;
 pub mod metrics;
+pub mod netns;
 pub mod probes;
 pub mod run;
 pub mod server;

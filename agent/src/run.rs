@@ -1,9 +1,8 @@
 //! `sockscope run`: load the probes, serve the metrics, detach on SIGINT/SIGTERM.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{SocketAddr, TcpListener as StdListener},
-    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -15,8 +14,12 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use crate::{
     cli::{ListenAddress, RunArgs},
     kernel, listeners,
-    metrics::{self, Metrics, Source},
-    probes::{KernelSupport, PROBES, Probes, ports},
+    metrics::{
+        self, Metrics, Source,
+        listen::{Listen, ListenEventSource, Scan, ScanConfig},
+    },
+    netns,
+    probes::{KernelSupport, PROBES, Probes, listen::ListenMap, ports},
     server,
 };
 
@@ -91,9 +94,8 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
 }
 
 async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
-    let netns = kernel::own_netns()?;
     let disabled = args.collectors.disabled();
-    let support = KernelSupport::probe(&disabled, &args.paths.to_paths());
+    let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
     let mut probes = match Probes::load(support) {
         Ok(p) => Some(p),
         Err(e) => {
@@ -106,6 +108,7 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
 
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     let mut port_sync = None;
+    let mut listen_events = None;
     if let Some(probes) = probes.as_mut() {
         if args.collectors.enabled("resets") {
             let sent: PerCpuHashMap<MapData, _, u64> = take(probes, "RESETS_SENT")?;
@@ -122,31 +125,50 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
         port_sync = Some(listen);
+        if args.collectors.enabled("listen") {
+            listen_events = Some(take(probes, "LISTEN_EVENTS")?);
+        }
         let errors: PerCpuArray<MapData, u64> = take(probes, "MAP_ERRORS")?;
         sources.push(Box::new(metrics::ebpf::Ebpf::new(errors)));
     }
-    if args.collectors.enabled("netstat") {
-        sources.push(Box::new(metrics::netstat::Netstat::new(
-            netns,
-            PathBuf::from("/proc/thread-self/net"),
-        )));
-    }
-    if args.collectors.enabled("sysctl") {
-        sources.push(Box::new(metrics::netstat::Sysctl::new(netns)));
+    // One pass over the host's namespaces per scrape serves these three collectors.
+    let scan_config = ScanConfig {
+        listen: args.collectors.enabled("listen"),
+        netstat: args.collectors.enabled("netstat"),
+        sysctl: args.collectors.enabled("sysctl"),
+    };
+    if scan_config.listen || scan_config.netstat || scan_config.sysctl {
+        let scan = Arc::new(Scan::new(netns::Discovery::new()?, scan_config));
+        if scan_config.listen {
+            // The kernel programs' per-listener counts, when they are loaded.
+            let events: Option<Box<dyn ListenEventSource>> = match listen_events {
+                Some(map) => Some(Box::new(ListenMap::new(map))),
+                None => None,
+            };
+            sources.push(Box::new(Listen::new(Arc::clone(&scan), events)));
+        }
+        if scan_config.netstat {
+            sources.push(Box::new(metrics::netstat::Netstat::new(Arc::clone(&scan))));
+        }
+        if scan_config.sysctl {
+            sources.push(Box::new(metrics::netstat::Sysctl::new(scan)));
+        }
     }
     let metrics = Arc::new(Metrics::new(sources)?);
     record_probe_status(&metrics, probes.as_ref());
 
     if let Some(mut listen) = port_sync {
+        let discovery = Arc::new(netns::Discovery::new()?);
         // Seed before serving so the first events on existing listeners keep their port.
-        sync_ports(&mut listen, netns);
+        sync_ports(&mut listen, &discovery);
         let interval = Duration::from_secs(args.refresh_seconds);
         tokio::spawn(async move {
             let mut listen = listen;
             loop {
                 tokio::time::sleep(interval).await;
+                let discovery = Arc::clone(&discovery);
                 listen = match tokio::task::spawn_blocking(move || {
-                    sync_ports(&mut listen, netns);
+                    sync_ports(&mut listen, &discovery);
                     listen
                 })
                 .await
@@ -195,20 +217,34 @@ fn record_probe_status(metrics: &Metrics, probes: Option<&Probes>) {
         sm.probe_up
             .with_label_values(&[spec.name])
             .set(if up { 1.0 } else { 0.0 });
+        if let Some(path) = probes.and_then(|p| p.path_of(spec.name)) {
+            sm.probe_info
+                .with_label_values(&[spec.name, path.hook.mode().label()])
+                .set(1.0);
+        }
     }
 }
 
-/// Makes the kernel's listener-port set match the namespace's listeners now.
-fn sync_ports(map: &mut BpfHashMap<MapData, ListenPortKey, u8>, netns: u64) {
-    let listeners = match listeners::listeners() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!("listing listeners: {e}");
+/// Makes the kernel's listener-port set match the listeners of every namespace now.
+fn sync_ports(map: &mut BpfHashMap<MapData, ListenPortKey, u8>, discovery: &netns::Discovery) {
+    let namespaces = discovery.discover();
+    let mut listening: HashMap<u32, HashSet<u16>> = HashMap::new();
+    let visited = discovery.visit(&namespaces, |ns, entered| {
+        if !entered {
             return;
         }
-    };
-    let ports: HashSet<u16> = listeners.iter().map(|l| l.port).collect();
-    if let Err(e) = ports::sync_listen_ports(map, netns as u32, &ports) {
+        match listeners::listeners() {
+            Ok(found) => {
+                listening.insert(ns.info.inode as u32, found.iter().map(|l| l.port).collect());
+            }
+            Err(e) => tracing::debug!(netns = ns.info.inode, "listing listeners: {e}"),
+        }
+    });
+    if let Err(e) = visited {
+        tracing::warn!("listing listeners: {e}");
+        return;
+    }
+    if let Err(e) = ports::sync_listen_ports(map, &listening) {
         tracing::warn!("updating listener ports: {e}");
     }
 }

@@ -97,12 +97,32 @@ fn received(m: &Metrics, netns: &str, state: &str, port: &str) -> f64 {
 }
 
 #[test]
-fn resets_match_the_kernel_and_the_scenario() -> Result<()> {
+fn resets_match_the_kernel_and_the_scenario_raw_tracepoints() -> Result<()> {
+    resets_match_the_kernel_and_the_scenario("raw_tracepoint")
+}
+
+#[test]
+fn resets_match_the_kernel_and_the_scenario_classic_tracepoints() -> Result<()> {
+    resets_match_the_kernel_and_the_scenario("tracepoint")
+}
+
+/// The same figures whichever path the probes take.
+fn resets_match_the_kernel_and_the_scenario(mode: &str) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     let ns = Netns::new()?;
-    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let mode_arg = format!("--probe.mode={mode}");
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[&mode_arg], agent_addr())?;
+    let probes = agent.scrape()?;
+    for probe in ["rst_send", "rst_recv", "listen_track"] {
+        let info = probes.get("sockscope_probe_info", &[("probe", probe), ("path", mode)]);
+        ensure!(
+            info == Some(1.0),
+            "{probe} must run on {mode}: {}",
+            agent.log()
+        );
+    }
     let netns = ns.inode().to_string();
 
     let kernel_before = ns.counters()?;

@@ -132,7 +132,13 @@ fn a_missing_tracepoint_downs_one_probe_and_the_rest_works() -> Result<()> {
     let ns = Netns::new()?;
     let fake = tracefs_without_receive_reset()?;
     let arg = format!("--path.tracefs={}", fake.path().display());
-    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[&arg], agent_addr())?;
+    // Classic tracepoints only: the raw ones do not depend on tracefs.
+    let agent = AgentProcess::start(
+        &ns,
+        Path::new(AGENT),
+        &[&arg, "--probe.mode=tracepoint"],
+        agent_addr(),
+    )?;
     let netns = ns.inode().to_string();
     ns.run(|| connect_closed_port(SocketAddr::from(([127, 0, 0, 1], 1)), 5))??;
     let m = agent.scrape()?;

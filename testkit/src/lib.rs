@@ -21,6 +21,10 @@ mod http;
 mod metrics;
 mod netns;
 mod process;
+mod rtnl;
+mod scenarios;
+mod sockets;
+mod synflood;
 mod traffic;
 
 use std::time::{Duration, Instant};
@@ -33,6 +37,14 @@ pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NetnsGuard};
 pub use process::ChildGuard;
+pub use rtnl::{LinkStatus, RouteVia, VethPair};
+pub use scenarios::{
+    AcceptOverflow, AckStageOverflow, AckStageParams, ClientStates, LAB_CLIENT_V4, LAB_CLIENT_V6,
+    LAB_SERVER_V4, LAB_SERVER_V6, LAB_SPOOFED_V4, LAB_SPOOFED_V6, SynQueueFill, SynQueueParams,
+    VethLab, accept_overflow, ack_stage_overflow, syn_queue_fill,
+};
+pub use sockets::{TcpSocket, TcpState};
+pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
 pub use traffic::{connect_closed_port, tcp_pair};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.

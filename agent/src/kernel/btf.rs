@@ -84,6 +84,70 @@ impl KernelBtf {
         Ok(ty)
     }
 
+    /// Argument types of a raw tracepoint, from its `btf_trace_<name>` typedef (a pointer to
+    /// `void (*)(void *, TP_PROTO…)`), rendered as C (`struct sock *`, `enum sk_rst_reason`).
+    /// The leading `void *` is left out: index 0 is the first `TP_PROTO` argument.
+    pub fn tracepoint_args(&self, name: &str) -> Result<Vec<String>, KernelError> {
+        let typedef = format!("btf_trace_{name}");
+        let err = |detail: &str| KernelError::TracepointMissing {
+            tracepoint: name.to_string(),
+            detail: format!("{typedef}: {detail}"),
+        };
+        let ty = self
+            .btf
+            .resolve_types_by_name(&typedef)
+            .map_err(|_| err("not in the kernel's BTF"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| err("not in the kernel's BTF"))?;
+        let Type::Ptr(ptr) = self.strip(ty).map_err(|e| err(&e.to_string()))? else {
+            return Err(err("not a function pointer"));
+        };
+        let Type::FuncProto(proto) = self
+            .btf
+            .resolve_chained_type(&ptr)
+            .map_err(|e| err(&e.to_string()))?
+        else {
+            return Err(err("not a function pointer"));
+        };
+        proto
+            .parameters
+            .iter()
+            .skip(1)
+            .map(|p| {
+                self.btf
+                    .resolve_chained_type(p)
+                    .and_then(|t| self.render(&t, 0))
+                    .map_err(|e| err(&e.to_string()))
+            })
+            .collect()
+    }
+
+    /// A type as C spells it, without qualifiers.
+    fn render(&self, ty: &Type, depth: u32) -> btf_rs::Result<String> {
+        if depth > 8 {
+            return Ok("?".into());
+        }
+        Ok(match ty {
+            Type::Void => "void".into(),
+            Type::Ptr(p) => match self.btf.resolve_chained_type(p) {
+                Ok(inner) => format!("{} *", self.render(&inner, depth + 1)?),
+                Err(_) => "void *".into(),
+            },
+            Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                self.render(&self.strip(ty.clone())?, depth + 1)?
+            }
+            Type::Struct(s) => format!("struct {}", self.btf.resolve_name(s).unwrap_or_default()),
+            Type::Union(s) => format!("union {}", self.btf.resolve_name(s).unwrap_or_default()),
+            Type::Enum(e) => format!("enum {}", self.btf.resolve_name(e).unwrap_or_default()),
+            Type::Enum64(e) => format!("enum {}", self.btf.resolve_name(e).unwrap_or_default()),
+            Type::Int(i) => self.btf.resolve_name(i).unwrap_or_default(),
+            Type::Typedef(t) => self.btf.resolve_name(t).unwrap_or_default(),
+            Type::Fwd(f) => self.btf.resolve_name(f).unwrap_or_default(),
+            _ => "?".into(),
+        })
+    }
+
     /// Values of a C enum by name, lower-cased with `prefix` removed
     /// (`SK_RST_REASON_NO_SOCKET` → `no_socket`).
     pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<(u64, String)> {

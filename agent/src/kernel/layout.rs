@@ -48,27 +48,9 @@ pub fn kfree_skb(
     const TP: &str = "skb:kfree_skb";
     let rx_sk = format.field(TP, "rx_sk")?.offset;
     let reason = format.field(TP, "reason")?.offset;
-    let value = btf
-        .and_then(|b| {
-            b.enum_names("skb_drop_reason", "SKB_DROP_REASON_")
-                .into_iter()
-                .find(|(_, n)| n == "tcp_listen_overflow")
-        })
-        .map(|(v, _)| v)
-        .or_else(|| {
-            format
-                .symbols("reason")
-                .into_iter()
-                .find(|(_, n)| n == "tcp_listen_overflow")
-                .map(|(v, _)| v)
-        })
-        .ok_or_else(|| KernelError::TracepointLayout {
-            tracepoint: TP.into(),
-            detail: "this kernel has no drop reason TCP_LISTEN_OVERFLOW".into(),
-        })?;
+    layout.reason_listen_overflow = listen_overflow_reason(btf, Some(format))?;
     layout.kfree_rx_sk = rx_sk;
     layout.kfree_reason = reason;
-    layout.reason_listen_overflow = u32::try_from(value).unwrap_or(FIELD_ABSENT);
     Ok(())
 }
 
@@ -153,4 +135,122 @@ pub fn reset_reasons(btf: Option<&KernelBtf>, format: Option<&Format>) -> HashMa
 pub fn format(tracefs: &Path, tracepoint: &str) -> Result<Format, KernelError> {
     let (category, name) = tracepoint.split_once(':').unwrap_or(("", tracepoint));
     Format::read(tracefs, category, name)
+}
+
+/// Struct offsets the raw tracepoint programs read beyond [`struct_offsets`].
+pub fn raw_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    layout.inet_sport = btf.offset_of("inet_sock", &["inet_sport"])?;
+    layout.skb_head = btf.offset_of("sk_buff", &["head"])?;
+    layout.skb_transport_header = btf.offset_of("sk_buff", &["transport_header"])?;
+    // A bitfield before Linux 5.6: then the protocol is not checked.
+    layout.sk_protocol = btf
+        .offset_of("sock", &["sk_protocol"])
+        .unwrap_or(FIELD_ABSENT);
+    Ok(())
+}
+
+/// Checks that a raw tracepoint's arguments start with `expected` (the positions the
+/// programs read; `None` accepts any type there).
+fn raw_args_match(
+    tracepoint: &str,
+    args: &[String],
+    expected: &[Option<&str>],
+) -> Result<(), KernelError> {
+    let ok = args.len() >= expected.len()
+        && expected
+            .iter()
+            .zip(args)
+            .all(|(want, have)| want.is_none_or(|w| w == have));
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::TracepointLayout {
+            tracepoint: tracepoint.to_string(),
+            detail: format!(
+                "arguments ({}) are not ({})",
+                args.join(", "),
+                expected
+                    .iter()
+                    .map(|e| e.unwrap_or("_"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+    }
+}
+
+/// Raw `tcp_send_reset(sk, skb[, reason])`: the reason arrived in 6.10.
+pub fn raw_send_reset(args: &[String], layout: &mut KernelLayout) -> Result<(), KernelError> {
+    raw_args_match(
+        "tcp_send_reset",
+        args,
+        &[Some("struct sock *"), Some("struct sk_buff *")],
+    )?;
+    layout.raw_send_reason = if args.get(2).is_some_and(|a| a == "enum sk_rst_reason") {
+        2
+    } else {
+        FIELD_ABSENT
+    };
+    Ok(())
+}
+
+/// Checks that argument 0 of a raw tracepoint is the socket the program reads.
+pub fn raw_sock_first(tracepoint: &str, args: &[String]) -> Result<(), KernelError> {
+    raw_args_match(tracepoint, args, &[Some("struct sock *")])
+}
+
+/// Raw `inet_sock_set_state(sk, oldstate, newstate)`.
+pub fn raw_set_state(args: &[String]) -> Result<(), KernelError> {
+    raw_args_match(
+        "inet_sock_set_state",
+        args,
+        &[Some("struct sock *"), Some("int"), Some("int")],
+    )
+}
+
+/// Raw `kfree_skb(skb, location, reason, rx_sk)`: `rx_sk` arrived in 6.11.
+pub fn raw_kfree_skb(
+    btf: &KernelBtf,
+    args: &[String],
+    layout: &mut KernelLayout,
+) -> Result<(), KernelError> {
+    raw_args_match(
+        "kfree_skb",
+        args,
+        &[
+            Some("struct sk_buff *"),
+            None,
+            Some("enum skb_drop_reason"),
+            Some("struct sock *"),
+        ],
+    )?;
+    layout.reason_listen_overflow = listen_overflow_reason(Some(btf), None)?;
+    Ok(())
+}
+
+/// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`: from BTF, else the tracepoint's print format.
+fn listen_overflow_reason(
+    btf: Option<&KernelBtf>,
+    format: Option<&Format>,
+) -> Result<u32, KernelError> {
+    const NAME: &str = "tcp_listen_overflow";
+    btf.and_then(|b| {
+        b.enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+            .into_iter()
+            .find(|(_, n)| n == NAME)
+    })
+    .map(|(v, _)| v)
+    .or_else(|| {
+        format.and_then(|f| {
+            f.symbols("reason")
+                .into_iter()
+                .find(|(_, n)| n == NAME)
+                .map(|(v, _)| v)
+        })
+    })
+    .and_then(|v| u32::try_from(v).ok())
+    .ok_or_else(|| KernelError::TracepointLayout {
+        tracepoint: "skb:kfree_skb".into(),
+        detail: "this kernel has no drop reason TCP_LISTEN_OVERFLOW".into(),
+    })
 }

@@ -4,6 +4,7 @@ pub mod budget;
 pub mod ebpf;
 pub mod family;
 pub mod labels;
+pub mod listen;
 pub mod netstat;
 pub mod resets;
 
@@ -35,6 +36,8 @@ pub struct SelfMetrics {
     pub label_overflow: CounterVec,
     /// `sockscope_probe_up{probe}`.
     pub probe_up: GaugeVec,
+    /// `sockscope_probe_info{probe,path}`.
+    pub probe_info: GaugeVec,
     /// `sockscope_build_info{version,kernel}`.
     pub build_info: GaugeVec,
 }
@@ -78,7 +81,15 @@ impl SelfMetrics {
         )?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let probe_info = GaugeVec::new(
+            Opts::new(
+                "sockscope_probe_info",
+                "1 for the path each attached probe runs on: raw_tracepoint, tracepoint or cgroup_skb.",
+            ),
+            &["probe", "path"],
+        )?;
         registry.register(Box::new(probe_up.clone()))?;
+        registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
         registry.register(Box::new(label_overflow.clone()))?;
         Ok(Self {
@@ -86,6 +97,7 @@ impl SelfMetrics {
             errors,
             label_overflow,
             probe_up,
+            probe_info,
             build_info,
         })
     }

@@ -1,18 +1,25 @@
 //! The kernel's own counters and settings (`sockscope_netstat_*`, `sockscope_sysctl_*`), read
 //! from /proc without BPF, so a user can check every eBPF figure against them on one page.
+//!
+//! They are read in the agent's own network namespace and in every namespace that has a TCP
+//! listener, during the one pass over the namespaces that also reads the listeners
+//! ([`super::listen::Scan`]): one `setns` per namespace per scrape for everything. The files
+//! answer for the reading *thread's* namespace: `/proc/thread-self/net/{snmp,netstat}` (never
+//! /proc/net or /proc/self/net, which follow the main thread) and `/proc/sys/net/*`.
 
-use std::path::PathBuf;
+use std::{fs::File, io::Read as _, sync::Arc};
 
 use prometheus::proto::MetricFamily;
 
 use super::{
     SelfMetrics, Source,
-    family::{FamilySpec, Kind},
+    family::{Family, FamilySpec, Kind},
+    listen::{Consumer, Scan, Snapshot},
 };
-use crate::kernel::procfs;
+use crate::kernel::KernelError;
 
 /// `(metric suffix, nstat name, help)`.
-const COUNTERS: &[(&str, &str, &str)] = &[
+pub const COUNTERS: &[(&str, &str, &str)] = &[
     (
         "listen_overflows_total",
         "TcpExtListenOverflows",
@@ -76,7 +83,7 @@ const COUNTERS: &[(&str, &str, &str)] = &[
 ];
 
 /// `(metric suffix, sysctl, index of the value, help)`.
-const SYSCTLS: &[(&str, &str, usize, &str)] = &[
+pub const SYSCTLS: &[(&str, &str, usize, &str)] = &[
     (
         "somaxconn",
         "net.core.somaxconn",
@@ -141,24 +148,132 @@ fn specs(
         .collect()
 }
 
-/// `sockscope_netstat_*` for the agent's own network namespace.
+/// The [`COUNTERS`] of one namespace, in that order; `None` for one this kernel does not keep.
+pub type CounterValues = [Option<u64>; COUNTERS.len()];
+
+/// The [`SYSCTLS`] of one namespace, in that order.
+pub type SysctlValues = [Option<i64>; SYSCTLS.len()];
+
+/// Reads [`COUNTERS`] for the calling thread's namespace; `text` is a buffer kept between calls.
+pub fn read_counters(text: &mut String) -> Result<CounterValues, KernelError> {
+    let mut values = [None; COUNTERS.len()];
+    for file in [
+        "/proc/thread-self/net/snmp",
+        "/proc/thread-self/net/netstat",
+    ] {
+        read_into(file, text)?;
+        extract_counters(text, &mut values);
+    }
+    Ok(values)
+}
+
+/// Picks [`COUNTERS`] out of the header-line/value-line pairs of /proc/net/snmp or netstat,
+/// without building a map of the several hundred others.
+pub fn extract_counters(text: &str, values: &mut CounterValues) {
+    let mut lines = text.lines();
+    while let (Some(header), Some(numbers)) = (lines.next(), lines.next()) {
+        let (Some((prefix, names)), Some((_, numbers))) =
+            (header.split_once(':'), numbers.split_once(':'))
+        else {
+            continue;
+        };
+        for (name, number) in names.split_whitespace().zip(numbers.split_whitespace()) {
+            let wanted = COUNTERS.iter().position(|(_, nstat, _)| {
+                nstat.len() == prefix.len() + name.len()
+                    && nstat.starts_with(prefix)
+                    && nstat.ends_with(name)
+            });
+            // Tcp MaxConn is -1; nothing we export is signed.
+            if let (Some(i), Ok(v)) = (wanted, number.parse::<u64>()) {
+                values[i] = Some(v);
+            }
+        }
+    }
+}
+
+/// Reads [`SYSCTLS`] for the calling thread's namespace.
+pub fn read_sysctls(text: &mut String) -> Result<SysctlValues, KernelError> {
+    let mut values = [None; SYSCTLS.len()];
+    let mut path = String::with_capacity(64);
+    let mut last_key = "";
+    for (i, (_, key, index, _)) in SYSCTLS.iter().enumerate() {
+        // ip_local_port_range gives two metrics: read it once.
+        if *key != last_key {
+            path.clear();
+            path.push_str("/proc/sys/");
+            path.extend(key.chars().map(|c| if c == '.' { '/' } else { c }));
+            read_into(&path, text)?;
+            last_key = *key;
+        }
+        values[i] = text
+            .split_whitespace()
+            .nth(*index)
+            .and_then(|v| v.parse().ok());
+    }
+    Ok(values)
+}
+
+fn read_into(path: &str, text: &mut String) -> Result<(), KernelError> {
+    text.clear();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(text))
+        .map(drop)
+        .map_err(|source| KernelError::Read {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Emits one family per spec, one series per namespace that has its values. A failure in the
+/// agent's own namespace fails the collector (as it always did); a failure in another
+/// namespace (it vanished mid-scrape) only leaves that namespace out.
+fn emit<T: Copy, const N: usize>(
+    specs: &[FamilySpec],
+    snapshot: &Snapshot,
+    values_of: impl Fn(&super::listen::NsSnapshot) -> Option<&Result<[Option<T>; N], KernelError>>,
+    as_f64: impl Fn(T) -> f64,
+) -> anyhow::Result<Vec<MetricFamily>> {
+    let mut families: Vec<Family> = specs
+        .iter()
+        .map(|s| Family::with_capacity(*s, snapshot.namespaces.len()))
+        .collect();
+    for ns in &snapshot.namespaces {
+        let values = match values_of(ns) {
+            None => continue,
+            Some(Ok(values)) => values,
+            Some(Err(e)) if ns.info.inode == snapshot.own => return Err(anyhow::anyhow!("{e}")),
+            Some(Err(e)) => {
+                tracing::debug!(netns = ns.info.inode, "{e}; namespace left out");
+                continue;
+            }
+        };
+        let netns = ns.info.inode.to_string();
+        for (family, value) in families.iter_mut().zip(values) {
+            // A counter this kernel does not keep is left out, not reported as 0.
+            if let Some(v) = value {
+                family.add(&[&netns], as_f64(*v));
+            }
+        }
+    }
+    Ok(families.into_iter().filter_map(Family::finish).collect())
+}
+
+/// `sockscope_netstat_*` for the agent's namespace and every namespace with a listener.
 pub struct Netstat {
     specs: Vec<FamilySpec>,
-    netns: u64,
-    net_dir: PathBuf,
+    scan: Arc<Scan>,
 }
 
 impl Netstat {
-    /// Reads the counters of the namespace `netns`, whose /proc/net is `net_dir`.
-    pub fn new(netns: u64, net_dir: PathBuf) -> Self {
+    /// Reads the counters gathered by `scan`.
+    pub fn new(scan: Arc<Scan>) -> Self {
         Self {
             specs: specs(
                 "sockscope_netstat_",
                 Kind::Counter,
                 COUNTERS.iter().map(|(s, _, h)| (*s, *h)),
             ),
-            netns,
-            net_dir,
+            scan,
         }
     }
 }
@@ -173,39 +288,32 @@ impl Source for Netstat {
     }
 
     fn collect(&self, _: &SelfMetrics) -> anyhow::Result<Vec<MetricFamily>> {
-        let counters = procfs::read_counters(&self.net_dir)?;
-        let netns = self.netns.to_string();
-        Ok(self
-            .specs
-            .iter()
-            .zip(COUNTERS)
-            .filter_map(|(spec, (_, nstat, _))| {
-                // A counter this kernel does not keep is left out, not reported as 0.
-                let value = counters.get(*nstat)?;
-                let mut family = spec.family();
-                family.add(&[&netns], *value as f64);
-                family.finish()
-            })
-            .collect())
+        let snapshot = self.scan.snapshot(Consumer::Netstat)?;
+        emit(
+            &self.specs,
+            &snapshot,
+            |ns| ns.netstat.as_ref(),
+            |v| v as f64,
+        )
     }
 }
 
-/// `sockscope_sysctl_*` for the agent's own network namespace.
+/// `sockscope_sysctl_*` for the agent's namespace and every namespace with a listener.
 pub struct Sysctl {
     specs: Vec<FamilySpec>,
-    netns: u64,
+    scan: Arc<Scan>,
 }
 
 impl Sysctl {
-    /// Reads the settings of the calling thread's namespace, labelled `netns`.
-    pub fn new(netns: u64) -> Self {
+    /// Reads the settings gathered by `scan`.
+    pub fn new(scan: Arc<Scan>) -> Self {
         Self {
             specs: specs(
                 "sockscope_sysctl_",
                 Kind::Gauge,
                 SYSCTLS.iter().map(|(s, _, _, h)| (*s, *h)),
             ),
-            netns,
+            scan,
         }
     }
 }
@@ -220,16 +328,53 @@ impl Source for Sysctl {
     }
 
     fn collect(&self, _: &SelfMetrics) -> anyhow::Result<Vec<MetricFamily>> {
-        let netns = self.netns.to_string();
-        let mut out = Vec::new();
-        for (spec, (_, key, index, _)) in self.specs.iter().zip(SYSCTLS) {
-            let values = procfs::read_sysctl(key)?;
-            if let Some(value) = values.get(*index) {
-                let mut family = spec.family();
-                family.add(&[&netns], *value as f64);
-                out.extend(family.finish());
-            }
-        }
-        Ok(out)
+        let snapshot = self.scan.snapshot(Consumer::Sysctl)?;
+        emit(
+            &self.specs,
+            &snapshot,
+            |ns| ns.sysctl.as_ref(),
+            |v| v as f64,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_wanted_counters_only() {
+        let mut v = [None; COUNTERS.len()];
+        extract_counters(
+            "Tcp: RtoAlgorithm MaxConn OutRsts EstabResets\nTcp: 1 -1 7 2\n",
+            &mut v,
+        );
+        extract_counters(
+            "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 3 180 285\n\
+             IpExt: InNoRoutes\nIpExt: 0\n",
+            &mut v,
+        );
+        let get = |nstat: &str| {
+            COUNTERS
+                .iter()
+                .position(|(_, n, _)| *n == nstat)
+                .and_then(|i| v[i])
+        };
+        assert_eq!(get("TcpOutRsts"), Some(7));
+        assert_eq!(get("TcpEstabResets"), Some(2));
+        assert_eq!(get("TcpExtListenOverflows"), Some(180));
+        assert_eq!(get("TcpExtListenDrops"), Some(285));
+        assert_eq!(get("TcpExtSyncookiesSent"), Some(3));
+        assert_eq!(get("TcpExtTWKilled"), None, "absent, not 0");
+    }
+
+    #[test]
+    fn reads_the_own_namespace() -> anyhow::Result<()> {
+        let mut text = String::new();
+        let counters = read_counters(&mut text)?;
+        assert!(counters.iter().filter(|v| v.is_some()).count() >= 10);
+        let sysctls = read_sysctls(&mut text)?;
+        assert!(sysctls.iter().all(Option::is_some), "{sysctls:?}");
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! the running kernel offers; a probe whose interface is missing is reported as down
 //! (`sockscope_probe_up 0`, a warning naming why) and the others keep working.
 
+pub mod listen;
 pub mod ports;
 
 use std::{
@@ -15,7 +16,7 @@ use agent_common::KernelLayout;
 use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
 };
 
 use crate::kernel::{self, btf::KernelBtf, layout, tracefs::Format};
@@ -26,94 +27,215 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where a probe attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// A raw tracepoint: the `TP_PROTO` arguments, no record formatted (cheapest).
+    RawTracepoint(&'static str),
     /// A classic tracepoint: category and name.
     Tracepoint(&'static str, &'static str),
     /// cgroup_skb ingress at the root of the cgroup v2 hierarchy.
     CgroupSkbIngress,
 }
 
+impl Hook {
+    /// The `--probe.mode` family this hook belongs to.
+    pub fn mode(&self) -> ProbeMode {
+        match self {
+            Self::RawTracepoint(_) => ProbeMode::RawTracepoint,
+            Self::Tracepoint(..) => ProbeMode::Tracepoint,
+            Self::CgroupSkbIngress => ProbeMode::Auto,
+        }
+    }
+}
+
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::RawTracepoint(n) => write!(f, "raw tracepoint {n}"),
             Self::Tracepoint(c, n) => write!(f, "tracepoint {c}:{n}"),
             Self::CgroupSkbIngress => write!(f, "cgroup_skb ingress at the cgroup v2 root"),
         }
     }
 }
 
-/// One probe: a program and the kernel interface it attaches to.
+/// Which kind of hook the probes may use (`--probe.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeMode {
+    /// The cheapest hook the kernel offers, falling back to the next.
+    #[default]
+    Auto,
+    /// Raw tracepoints only (where a probe has that path).
+    #[value(name = "raw_tracepoint")]
+    RawTracepoint,
+    /// Classic tracepoints only (where a probe has that path).
+    Tracepoint,
+}
+
+impl ProbeMode {
+    /// The label value of a path of this kind.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Auto => "cgroup_skb",
+            Self::RawTracepoint => "raw_tracepoint",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+
+    fn allows(&self, hook: Hook) -> bool {
+        *self == Self::Auto || hook.mode() == Self::Auto || hook.mode() == *self
+    }
+}
+
+/// One way of running a probe: a program on a hook.
 #[derive(Clone, Copy, Debug)]
-pub struct ProbeSpec {
-    /// Value of the `probe` label; also the program's name.
-    pub name: &'static str,
+pub struct ProbePath {
+    /// Program name in the object.
+    pub program: &'static str,
     /// Where it attaches.
     pub hook: Hook,
+    /// Fills the offsets this path reads.
+    resolve: fn(&Resolver, &mut KernelLayout) -> Result<(), String>,
+}
+
+/// One probe: what it counts, and the paths to it in order of preference.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSpec {
+    /// Value of the `probe` label.
+    pub name: &'static str,
     /// Collectors whose metrics depend on it; it is left out when all are disabled.
     pub collectors: &'static [&'static str],
     /// What the kernel must offer, for `sockscope check` and the docs.
     pub needs: &'static str,
-    /// Fills the offsets this probe reads.
-    resolve: fn(&Resolver, &mut KernelLayout) -> Result<(), String>,
+    /// Alternatives, preferred first.
+    pub paths: &'static [ProbePath],
+}
+
+fn e(err: impl ToString) -> String {
+    err.to_string()
 }
 
 /// Every probe the agent knows, in attach order.
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "listen_track",
-        hook: Hook::Tracepoint("sock", "inet_sock_set_state"),
         collectors: &["resets", "listen"],
         needs: "tracepoint sock:inet_sock_set_state (Linux 4.16)",
-        resolve: |r, l| {
-            layout::set_state(&r.format("sock:inet_sock_set_state")?, l).map_err(|e| e.to_string())
-        },
+        paths: &[
+            ProbePath {
+                program: "lsn_track_raw",
+                hook: Hook::RawTracepoint("inet_sock_set_state"),
+                resolve: |r, l| {
+                    layout::raw_offsets(r.btf()?, l).map_err(e)?;
+                    layout::raw_set_state(&r.raw_args("inet_sock_set_state")?).map_err(e)
+                },
+            },
+            ProbePath {
+                program: "lsn_track_tp",
+                hook: Hook::Tracepoint("sock", "inet_sock_set_state"),
+                resolve: |r, l| {
+                    layout::set_state(&r.format("sock:inet_sock_set_state")?, l).map_err(e)
+                },
+            },
+        ],
     },
     ProbeSpec {
         name: "rst_send",
-        hook: Hook::Tracepoint("tcp", "tcp_send_reset"),
         collectors: &["resets"],
         needs: "tracepoint tcp:tcp_send_reset (Linux 4.15; `reason` and resets without a socket since 6.10)",
-        resolve: |r, l| {
-            layout::send_reset(&r.format("tcp:tcp_send_reset")?, l).map_err(|e| e.to_string())
-        },
+        paths: &[
+            ProbePath {
+                program: "rst_send_raw",
+                hook: Hook::RawTracepoint("tcp_send_reset"),
+                resolve: |r, l| {
+                    layout::raw_offsets(r.btf()?, l).map_err(e)?;
+                    layout::raw_send_reset(&r.raw_args("tcp_send_reset")?, l).map_err(e)
+                },
+            },
+            ProbePath {
+                program: "rst_send_tp",
+                hook: Hook::Tracepoint("tcp", "tcp_send_reset"),
+                resolve: |r, l| layout::send_reset(&r.format("tcp:tcp_send_reset")?, l).map_err(e),
+            },
+        ],
     },
     ProbeSpec {
         name: "rst_recv",
-        hook: Hook::Tracepoint("tcp", "tcp_receive_reset"),
         collectors: &["resets"],
         needs: "tracepoint tcp:tcp_receive_reset (Linux 4.15)",
-        resolve: |r, l| {
-            layout::receive_reset(&r.format("tcp:tcp_receive_reset")?, l).map_err(|e| e.to_string())
-        },
+        paths: &[
+            ProbePath {
+                program: "rst_recv_raw",
+                hook: Hook::RawTracepoint("tcp_receive_reset"),
+                resolve: |r, _| {
+                    layout::raw_sock_first("tcp_receive_reset", &r.raw_args("tcp_receive_reset")?)
+                        .map_err(e)
+                },
+            },
+            ProbePath {
+                program: "rst_recv_tp",
+                hook: Hook::Tracepoint("tcp", "tcp_receive_reset"),
+                resolve: |r, l| {
+                    layout::receive_reset(&r.format("tcp:tcp_receive_reset")?, l).map_err(e)
+                },
+            },
+        ],
     },
     ProbeSpec {
         name: "listen_ingress",
-        hook: Hook::CgroupSkbIngress,
         collectors: &["listen"],
         needs: "cgroup v2 with cgroup_skb programs and bpf_link (Linux 5.7), BTF for struct sock and struct net",
-        resolve: |r, l| {
-            r.cgroup2.as_ref().map_err(Clone::clone)?;
-            layout::listener_offsets(r.btf()?, l).map_err(|e| e.to_string())
-        },
+        paths: &[ProbePath {
+            program: "lsn_ingress",
+            hook: Hook::CgroupSkbIngress,
+            resolve: |r, l| {
+                r.cgroup2.as_ref().map_err(Clone::clone)?;
+                layout::listener_offsets(r.btf()?, l).map_err(e)
+            },
+        }],
     },
     ProbeSpec {
         name: "listen_ack_drop",
-        hook: Hook::Tracepoint("skb", "kfree_skb"),
         collectors: &["listen"],
         needs: "tracepoint skb:kfree_skb with `rx_sk` (Linux 6.11) and drop reason TCP_LISTEN_OVERFLOW",
-        resolve: |r, l| {
-            let format = r.format("skb:kfree_skb")?;
-            layout::kfree_skb(r.btf().ok(), &format, l).map_err(|e| e.to_string())
-        },
+        paths: &[
+            ProbePath {
+                program: "lsn_ackdrop_raw",
+                hook: Hook::RawTracepoint("kfree_skb"),
+                resolve: |r, l| {
+                    layout::raw_kfree_skb(r.btf()?, &r.raw_args("kfree_skb")?, l).map_err(e)
+                },
+            },
+            ProbePath {
+                program: "lsn_ackdrop_tp",
+                hook: Hook::Tracepoint("skb", "kfree_skb"),
+                resolve: |r, l| {
+                    layout::kfree_skb(r.btf().ok(), &r.format("skb:kfree_skb")?, l).map_err(e)
+                },
+            },
+        ],
     },
     ProbeSpec {
         name: "listen_synack",
-        hook: Hook::Tracepoint("tcp", "tcp_retransmit_synack"),
         collectors: &["listen"],
         needs: "tracepoint tcp:tcp_retransmit_synack (Linux 4.15)",
-        resolve: |r, l| {
-            layout::retransmit_synack(&r.format("tcp:tcp_retransmit_synack")?, l)
-                .map_err(|e| e.to_string())
-        },
+        paths: &[
+            ProbePath {
+                program: "lsn_synack_raw",
+                hook: Hook::RawTracepoint("tcp_retransmit_synack"),
+                resolve: |r, _| {
+                    layout::raw_sock_first(
+                        "tcp_retransmit_synack",
+                        &r.raw_args("tcp_retransmit_synack")?,
+                    )
+                    .map_err(e)
+                },
+            },
+            ProbePath {
+                program: "lsn_synack_tp",
+                hook: Hook::Tracepoint("tcp", "tcp_retransmit_synack"),
+                resolve: |r, l| {
+                    layout::retransmit_synack(&r.format("tcp:tcp_retransmit_synack")?, l).map_err(e)
+                },
+            },
+        ],
     },
 ];
 
@@ -134,6 +256,11 @@ impl Resolver {
     fn btf(&self) -> Result<&KernelBtf, String> {
         self.btf.as_ref().map_err(Clone::clone)
     }
+
+    /// A raw tracepoint's argument types.
+    fn raw_args(&self, tracepoint: &str) -> Result<Vec<String>, String> {
+        self.btf()?.tracepoint_args(tracepoint).map_err(e)
+    }
 }
 
 /// Whether one probe works, and why not.
@@ -143,6 +270,8 @@ pub struct ProbeStatus {
     pub spec: ProbeSpec,
     /// Attached and counting.
     pub up: bool,
+    /// The path attached, when up.
+    pub path: Option<ProbePath>,
     /// Why it is down, or what it attached to.
     pub detail: String,
 }
@@ -169,12 +298,15 @@ pub struct Paths {
     pub cgroup2: Option<PathBuf>,
 }
 
+/// One path of a probe and whether this kernel offers it (else why not).
+pub type PathSupport = (ProbePath, Result<(), String>);
+
 /// What the running kernel offers for the probes, resolved without loading anything.
 pub struct KernelSupport {
     /// The layout to hand to the programs.
     pub layout: KernelLayout,
-    /// Per probe: `Ok(())` when its interface exists, else why not.
-    pub probes: Vec<(ProbeSpec, Result<(), String>)>,
+    /// Per probe and path: `Ok(())` when its interface exists, else why not.
+    pub probes: Vec<(ProbeSpec, Vec<PathSupport>)>,
     /// Names of `enum sk_rst_reason` values.
     pub reset_reasons: HashMap<u8, String>,
     /// Where tracefs is.
@@ -186,7 +318,7 @@ pub struct KernelSupport {
 impl KernelSupport {
     /// Resolves BTF offsets and tracepoint layouts. Never fails: what is missing makes the
     /// probes that need it unavailable, with the reason.
-    pub fn probe(disabled: &[&str], paths: &Paths) -> Self {
+    pub fn probe(disabled: &[&str], paths: &Paths, mode: ProbeMode) -> Self {
         let mut layout = KernelLayout::ABSENT;
         let resolver = Resolver {
             tracefs: kernel::tracefs::tracefs_dir(paths.tracefs.as_deref())
@@ -202,19 +334,30 @@ impl KernelSupport {
         let probes = PROBES
             .iter()
             .map(|spec| {
-                let available = if spec.collectors.iter().all(|c| disabled.contains(c)) {
-                    Err(format!(
-                        "collector {} is disabled",
-                        spec.collectors.join(", ")
-                    ))
-                } else {
-                    structs
-                        .clone()
-                        .and_then(|()| (spec.resolve)(&resolver, &mut layout))
-                };
-                (*spec, available)
+                let off = spec.collectors.iter().all(|c| disabled.contains(c));
+                let paths = spec
+                    .paths
+                    .iter()
+                    .map(|path| {
+                        let available = if off {
+                            Err(format!(
+                                "collector {} is disabled",
+                                spec.collectors.join(", ")
+                            ))
+                        } else if !mode.allows(path.hook) {
+                            Err(format!("--probe.mode={} excludes it", mode.label()))
+                        } else {
+                            structs
+                                .clone()
+                                .and_then(|()| (path.resolve)(&resolver, &mut layout))
+                        };
+                        (*path, available)
+                    })
+                    .collect();
+                (*spec, paths)
             })
             .collect();
+        tracing::debug!(?layout, "kernel layout resolved");
         let send_format = resolver.format("tcp:tcp_send_reset").ok();
         let reset_reasons = layout::reset_reasons(resolver.btf.as_ref().ok(), send_format.as_ref());
         Self {
@@ -252,24 +395,34 @@ impl Probes {
         let status = support
             .probes
             .into_iter()
-            .map(|(spec, available)| {
-                let result = available.and_then(|()| {
-                    attach(&mut ebpf, &spec, cgroup2.as_deref()).map_err(|e| e.to_string())
-                });
-                match result {
-                    Ok(()) => ProbeStatus {
-                        spec,
-                        up: true,
-                        detail: format!("attached to {}", spec.hook),
-                    },
-                    Err(detail) => {
-                        tracing::warn!(probe = spec.name, "probe unavailable: {detail}");
-                        ProbeStatus {
-                            spec,
-                            up: false,
-                            detail,
+            .map(|(spec, paths)| {
+                // The first path that resolves and attaches wins; the reasons of the others
+                // are kept for the message when none does.
+                let mut reasons = Vec::new();
+                for (path, available) in paths {
+                    let result = available.and_then(|()| {
+                        attach(&mut ebpf, &path, cgroup2.as_deref()).map_err(|e| e.to_string())
+                    });
+                    match result {
+                        Ok(()) => {
+                            tracing::debug!(probe = spec.name, "attached to {}", path.hook);
+                            return ProbeStatus {
+                                spec,
+                                up: true,
+                                path: Some(path),
+                                detail: format!("attached to {}", path.hook),
+                            };
                         }
+                        Err(why) => reasons.push(format!("{}: {why}", path.hook)),
                     }
+                }
+                let detail = reasons.join("; ");
+                tracing::warn!(probe = spec.name, "probe unavailable: {detail}");
+                ProbeStatus {
+                    spec,
+                    up: false,
+                    path: None,
+                    detail,
                 }
             })
             .collect();
@@ -286,6 +439,14 @@ impl Probes {
         self.ebpf.take_map(name)
     }
 
+    /// The path `probe` is attached through.
+    pub fn path_of(&self, probe: &str) -> Option<ProbePath> {
+        self.status
+            .iter()
+            .find(|s| s.spec.name == probe)
+            .and_then(|s| s.path)
+    }
+
     /// Whether `probe` is attached.
     pub fn is_up(&self, probe: &str) -> bool {
         self.status.iter().any(|s| s.spec.name == probe && s.up)
@@ -294,13 +455,18 @@ impl Probes {
 
 fn attach(
     ebpf: &mut Ebpf,
-    spec: &ProbeSpec,
+    path: &ProbePath,
     cgroup2: Option<&Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let program = ebpf
-        .program_mut(spec.name)
-        .ok_or_else(|| format!("program {} missing from the object", spec.name))?;
-    match spec.hook {
+        .program_mut(path.program)
+        .ok_or_else(|| format!("program {} missing from the object", path.program))?;
+    match path.hook {
+        Hook::RawTracepoint(name) => {
+            let program: &mut RawTracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(name)?;
+        }
         Hook::Tracepoint(category, name) => {
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;

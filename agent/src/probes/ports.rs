@@ -19,32 +19,38 @@ pub fn set_watch_ports(map: &mut Array<MapData, u64>, ports: &[u16]) -> Result<(
     Ok(())
 }
 
-/// Makes `LISTEN_PORTS` hold, for `netns`, exactly `ports`: adds what is missing, removes
-/// ports that no longer listen. Other namespaces' entries are left alone.
+/// Makes `LISTEN_PORTS` hold, for each namespace in `listening`, exactly its ports: adds
+/// what is missing, removes ports that no longer listen. Entries of namespaces not in
+/// `listening` (not visited this time) are left alone.
 pub fn sync_listen_ports(
     map: &mut HashMap<MapData, ListenPortKey, u8>,
-    netns: u32,
-    ports: &HashSet<u16>,
+    listening: &std::collections::HashMap<u32, HashSet<u16>>,
 ) -> Result<(), MapError> {
     let stale: Vec<ListenPortKey> = map
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| k.netns == netns && !ports.contains(&k.port))
+        .filter(|k| {
+            listening
+                .get(&k.netns)
+                .is_some_and(|ports| !ports.contains(&k.port))
+        })
         .collect();
     for key in stale {
         // A concurrent removal by a newer sync is fine.
         let _ = map.remove(&key);
     }
-    for &port in ports {
-        map.insert(
-            ListenPortKey {
-                netns,
-                port,
-                pad: 0,
-            },
-            1,
-            0,
-        )?;
+    for (&netns, ports) in listening {
+        for &port in ports {
+            map.insert(
+                ListenPortKey {
+                    netns,
+                    port,
+                    pad: 0,
+                },
+                1,
+                0,
+            )?;
+        }
     }
     Ok(())
 }
