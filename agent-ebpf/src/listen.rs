@@ -179,7 +179,8 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
     if state != TCP_LISTEN {
         return None;
     }
-    let flags_at = match u32::from_be(skb.protocol) {
+    // `protocol` holds the packet's big-endian 16-bit EtherType, zero-extended.
+    let flags_at = match u32::from(u16::from_be(skb.protocol as u16)) {
         ETH_P_IP => {
             let v: u8 = ctx.load(0).ok()?;
             let proto: u8 = ctx.load(9).ok()?;
