@@ -8,11 +8,16 @@
 //! - [`AgentProcess`]: the agent binary running in a namespace, with its log and `/metrics`.
 //! - [`http_get`], [`Metrics`]: a tiny HTTP/1.1 client and a Prometheus text parser.
 //! - [`connect_closed_port`], [`tcp_pair`]: traffic helpers for use inside [`Netns::run`].
+//! - [`Netns::veth_pair`], [`Netns::add_address`], [`Netns::add_route`]…: links, addresses,
+//!   routes and neighbours over rtnetlink; [`Netns::tcp_sockets`]: `/proc/net/tcp{,6}`.
+//! - [`syn_flood`]: a raw-socket SYN generator with spoofed sources (IPv4, IPv6).
+//! - [`VethLab`] and the listen-backlog scenarios [`accept_overflow`], [`syn_queue_fill`],
+//!   [`ack_stage_overflow`], each checked against the kernel's counters in `tests/`.
 //!
 //! Trap: `/proc/self/net/*` and `/proc/net/*` follow the netns of the thread-group leader, not
 //! of the calling thread; this crate always reads `/proc/thread-self/net/*`.
 //!
-//! Nothing here keeps global state besides an atomic counter for unique file names, so tests
+//! Nothing here keeps global state besides atomic counters for unique file and interface names, so tests
 //! may run in parallel on many threads.
 
 mod agent;

@@ -202,6 +202,26 @@ impl Drop for NetnsGuard {
     }
 }
 
+/// Whether the calling thread is in the initial network namespace (that of pid 1); false
+/// when that cannot be read (then we are not root, or in a pid namespace of our own).
+pub(crate) fn in_initial_netns() -> Result<bool> {
+    let Ok(init) = std::fs::metadata("/proc/1/ns/net") else {
+        return Ok(false);
+    };
+    let init = std::os::unix::fs::MetadataExt::ino(&init);
+    Ok(Netns::current_inode()? == init)
+}
+
+/// Errors if `ns` is the initial (host) network namespace: test set-ups never change it.
+pub(crate) fn refuse_initial(ns: &Netns, what: &str) -> Result<()> {
+    if let Ok(init) = std::fs::metadata("/proc/1/ns/net")
+        && std::os::unix::fs::MetadataExt::ino(&init) == ns.inode()
+    {
+        bail!("refusing to {what} in the host's network namespace: use Netns::new()");
+    }
+    Ok(())
+}
+
 /// `/proc/sys/...` path of a `net.*` sysctl given in dotted (or slash) form.
 fn sysctl_path(key: &str) -> Result<PathBuf> {
     let rel = if key.contains('/') {

@@ -44,7 +44,7 @@ static VETH_COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct VethPair {
     /// Name of the end in the namespace `veth_pair` was called on.
     pub local: String,
-    /// Name of the end moved into the peer namespace.
+    /// Name of the end in the peer namespace.
     pub peer: String,
 }
 
@@ -83,10 +83,13 @@ pub enum RouteVia {
 
 impl Netns {
     /// Creates a veth pair with one end here and one in `peer`, assigns `local_addr`/`peer_addr`
-    /// (address, prefix length; IPv4 or IPv6) and sets both ends up.
+    /// (address, prefix length; IPv4 or IPv6), sets both ends up and waits until both carry
+    /// traffic.
     ///
-    /// Errors name the missing `veth` module when the kernel cannot make veth devices. Both
-    /// ends get `accept_dad=0`, so their IPv6 addresses (link-local too) work at once.
+    /// The peer end is created directly in `peer` (`IFLA_NET_NS_FD` in the peer's link
+    /// message), so its name never exists here. Errors name the missing `veth` module when the
+    /// kernel cannot make veth devices. Both ends get `accept_dad=0`, so their IPv6 addresses
+    /// (link-local too) need no duplicate address detection.
     pub fn veth_pair(
         &self,
         peer: &Netns,
@@ -556,7 +559,10 @@ mod tests {
             "a usable link-local address: {addrs:?}"
         );
         let status = a.link_status(&pair.local)?;
-        assert!(status.up && status.oper_up && status.ipv6_ready, "{status:?}");
+        assert!(
+            status.up && status.oper_up && status.ipv6_ready,
+            "{status:?}"
+        );
         assert_eq!(status.qdisc, "noqueue");
         assert_eq!(status.tx_dropped, 0, "{status:?}");
         assert!(a.link_index(&pair.local).is_ok());

@@ -112,7 +112,8 @@ impl Default for SynFloodOptions {
 /// socket in the calling thread's namespace; returns how many went out.
 ///
 /// Needs CAP_NET_RAW. Stops early at `options.time_limit`. The family of `target` and
-/// `sources` must match. Call it inside [`crate::Netns::run`] of the attacker namespace.
+/// `sources` must match. Call it inside [`crate::Netns::run`] of the attacker namespace: from
+/// the initial (host) namespace it refuses any target but loopback.
 pub fn syn_flood(
     target: SocketAddr,
     sources: &SourceSpec,
@@ -124,6 +125,12 @@ pub fn syn_flood(
             "target {target} and sources {}/{} differ in family",
             sources.net,
             sources.prefix
+        );
+    }
+    if !target.ip().is_loopback() && crate::netns::in_initial_netns()? {
+        bail!(
+            "refusing to send spoofed SYNs to {target} from the host's network namespace: \
+             run syn_flood inside a test namespace (Netns::run)"
         );
     }
     let last = options.first_flow.saturating_add(count as u64);
@@ -362,6 +369,28 @@ mod tests {
         #[allow(clippy::reversed_empty_ranges)]
         let empty = 2..=1;
         assert!(SourceSpec::new("198.19.0.0".parse()?, 16, empty).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn flood_refuses_the_host_namespace() -> Result<()> {
+        if !crate::netns::in_initial_netns()? {
+            eprintln!("skipping: not in the initial network namespace");
+            return Ok(());
+        }
+        let spec = SourceSpec::new("198.19.0.0".parse()?, 16, 1024..=65535)?;
+        // count 0: nothing would be sent even without the guard.
+        let err = syn_flood(
+            "198.18.0.1:80".parse()?,
+            &spec,
+            0,
+            &SynFloodOptions::default(),
+        )
+        .expect_err("the host's namespace is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
+        let err = crate::netns::refuse_initial(&crate::Netns::current()?, "test")
+            .expect_err("the host's namespace is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
         Ok(())
     }
 
