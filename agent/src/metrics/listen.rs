@@ -396,6 +396,9 @@ struct ListenState {
     /// (namespace by namespace, series by series); `None` where the kernel gave no `sk_drops`.
     live_drops: Vec<Option<u64>>,
     events: EventState,
+    /// Last `listen_drops_total` emitted per series, so the subtraction below never makes it
+    /// go down between two scrapes.
+    drops_emitted: HashMap<ListenerId, u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -450,6 +453,23 @@ struct Row {
 }
 
 impl ListenState {
+    /// A handshake-completing ACK that overflows the accept queue is charged to the listener's
+    /// `sk_drops` twice: once as a listen drop (`tcp_listendrop`, which `ListenDrops` counts)
+    /// and once more when TCP discards the segment. The kernel program counts exactly those
+    /// ACKs (`stage="ack"`), so they are taken off again to match `ListenDrops`.
+    fn discount_ack_overflows(&mut self, rows: &mut [Row], view: &View<'_>) {
+        let ack = self.events.ack_overflows(view);
+        for row in rows.iter_mut() {
+            let Some(drops) = row.drops else { continue };
+            let counted = drops.saturating_sub(ack.get(&row.id).copied().unwrap_or(0));
+            let emitted = self.drops_emitted.entry(row.id).or_insert(0);
+            *emitted = (*emitted).max(counted);
+            row.drops = Some(*emitted);
+        }
+        let live: HashSet<ListenerId> = rows.iter().map(|r| r.id).collect();
+        self.drops_emitted.retain(|id, _| live.contains(id));
+    }
+
     fn collect(&mut self, snapshot: &Snapshot, events: Option<ListenEvents>) -> Vec<MetricFamily> {
         let view: View<'_> = snapshot
             .namespaces
@@ -463,7 +483,8 @@ impl ListenState {
         if let Some(events) = events {
             self.events.update(events, &view);
         }
-        let rows = self.rows(snapshot, &view);
+        let mut rows = self.rows(snapshot, &view);
+        self.discount_ack_overflows(&mut rows, &view);
         let mut out = series_families(&rows);
         out.extend(netns_info(snapshot));
         out.extend(self.events.families(&view));
@@ -746,6 +767,23 @@ impl EventState {
         };
         self.mapping.insert(id, series);
         Some(series)
+    }
+
+    /// ACK-stage overflows per series.
+    fn ack_overflows(&mut self, view: &View<'_>) -> HashMap<ListenerId, u64> {
+        let ids: Vec<(ListenerId, u64)> = self
+            .counters
+            .iter()
+            .filter(|((_, kind), _)| *kind == ListenEventKind::OverflowAck)
+            .map(|((id, _), v)| (*id, *v))
+            .collect();
+        let mut out = HashMap::new();
+        for (id, value) in ids {
+            if let Some(series) = self.series(id, view) {
+                *out.entry(series).or_insert(0) += value;
+            }
+        }
+        out
     }
 
     fn families(&mut self, view: &View<'_>) -> Vec<MetricFamily> {
