@@ -129,7 +129,10 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
             listen_events = Some(take(probes, "LISTEN_EVENTS")?);
         }
         let errors: PerCpuArray<MapData, u64> = take(probes, "MAP_ERRORS")?;
-        sources.push(Box::new(metrics::ebpf::Ebpf::new(errors)));
+        sources.push(Box::new(metrics::ebpf::Ebpf::new(
+            errors,
+            probes.program_ids(),
+        )));
     }
     // One pass over the host's namespaces per scrape serves these three collectors.
     let scan_config = ScanConfig {

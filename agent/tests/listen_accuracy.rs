@@ -259,3 +259,124 @@ fn two_namespaces_at_once_each_only_its_own() -> Result<()> {
     drop((sa, sb));
     Ok(())
 }
+
+/// `n` non-blocking connects to `addr` from the calling thread's namespace, left open.
+fn connect_nonblocking(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpStream>> {
+    use std::os::fd::FromRawFd as _;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (storage, len) = sockaddr(addr);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: plain socket calls; the fd is owned by the TcpStream from here on.
+        let stream = unsafe {
+            let fd = libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let stream = std::net::TcpStream::from_raw_fd(fd);
+            libc::connect(fd, (&raw const storage).cast(), len);
+            stream
+        };
+        out.push(stream);
+    }
+    Ok(out)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Within `tolerance` (a fraction) of `want`.
+fn close_to(got: f64, want: f64, tolerance: f64) -> bool {
+    (got - want).abs() <= want * tolerance
+}
+
+/// A flood on both CPUs at once: spoofed SYNs and real connects race for the same queues.
+/// The split by stage and action is the agent's reading of the kernel's decision, taken an
+/// instant before the kernel takes it, so two CPUs racing for the last slot can disagree:
+/// within 1%. Drops come from the listener's own counter: exact.
+#[test]
+fn concurrent_flood_within_one_percent() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = VethLab::new()?;
+    lab.server.sysctl("net.ipv4.tcp_syncookies", "1")?;
+    let agent = AgentProcess::start(&lab.server, Path::new(AGENT), &[], agent_addr())?;
+    let before = lab.server.counters()?;
+    // A listener that never accepts; no connects from the helper itself.
+    let target = accept_overflow(&lab.server, lab.server_ip(false), 16, 0)?;
+    let addr = target.addr;
+    let (flood, clients) = std::thread::scope(|s| {
+        let flood = s.spawn(|| lab.syn_flood(addr, 20_000, None));
+        let clients = s.spawn(|| lab.client.run(|| connect_nonblocking(addr, 2_000)));
+        (flood.join(), clients.join())
+    });
+    let sent = flood.expect("flood thread")?;
+    let clients = clients.expect("connect thread")??;
+    assert!(sent > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let label = lab.server.inode().to_string();
+    let got = Figures::of(&agent.scrape()?, &label);
+    let kernel = lab.server.counters()?.delta(&before);
+    drop(clients);
+    let overflows = kernel.get("TcpExtListenOverflows")? as f64;
+    let cookies = kernel.get("TcpExtTCPReqQFullDoCookies")? as f64;
+    assert!(
+        overflows > 0.0 && cookies > 0.0,
+        "the flood must fill both queues: {kernel:?}"
+    );
+    let report = format!("agent {got:?}\nkernel {kernel:?}");
+    eprintln!(
+        "concurrent flood: agent {got:?}; kernel ListenOverflows {overflows}, TCPReqQFullDoCookies {cookies}"
+    );
+    assert!(
+        close_to(got.overflows_syn + got.overflows_ack, overflows, 0.01),
+        "{report}"
+    );
+    assert!(close_to(got.synq_cookie, cookies, 0.01), "{report}");
+    assert_eq!(
+        got.drops,
+        kernel.get("TcpExtListenDrops")? as f64,
+        "{report}"
+    );
+    drop(target);
+    Ok(())
+}

@@ -272,6 +272,8 @@ pub struct ProbeStatus {
     pub up: bool,
     /// The path attached, when up.
     pub path: Option<ProbePath>,
+    /// The kernel's id of the attached program (for its run statistics).
+    pub program_id: Option<u32>,
     /// Why it is down, or what it attached to.
     pub detail: String,
 }
@@ -404,12 +406,13 @@ impl Probes {
                         attach(&mut ebpf, &path, cgroup2.as_deref()).map_err(|e| e.to_string())
                     });
                     match result {
-                        Ok(()) => {
+                        Ok(program_id) => {
                             tracing::debug!(probe = spec.name, "attached to {}", path.hook);
                             return ProbeStatus {
                                 spec,
                                 up: true,
                                 path: Some(path),
+                                program_id,
                                 detail: format!("attached to {}", path.hook),
                             };
                         }
@@ -422,6 +425,7 @@ impl Probes {
                     spec,
                     up: false,
                     path: None,
+                    program_id: None,
                     detail,
                 }
             })
@@ -447,6 +451,14 @@ impl Probes {
             .and_then(|s| s.path)
     }
 
+    /// `(program name, kernel id)` of every attached program.
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        self.status
+            .iter()
+            .filter_map(|s| Some((s.path?.program, s.program_id?)))
+            .collect()
+    }
+
     /// Whether `probe` is attached.
     pub fn is_up(&self, probe: &str) -> bool {
         self.status.iter().any(|s| s.spec.name == probe && s.up)
@@ -457,7 +469,7 @@ fn attach(
     ebpf: &mut Ebpf,
     path: &ProbePath,
     cgroup2: Option<&Path>,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<Option<u32>, Box<dyn std::error::Error>> {
     let program = ebpf
         .program_mut(path.program)
         .ok_or_else(|| format!("program {} missing from the object", path.program))?;
@@ -489,7 +501,12 @@ fn attach(
             program.attach(&cgroup, CgroupSkbAttachType::Ingress, mode)?;
         }
     }
-    Ok(())
+    // The id names the program in the kernel's run statistics; not having it is no failure.
+    let id = ebpf
+        .program(path.program)
+        .and_then(|p| p.info().ok())
+        .map(|info| info.id());
+    Ok(id)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
