@@ -23,10 +23,16 @@ pub fn required() -> Vec<(Capability, &'static str)> {
 
 /// Capabilities some features need, with which.
 pub fn optional() -> Vec<(Capability, &'static str)> {
-    vec![(
-        Capability::CAP_SYS_ADMIN,
-        "mount tracefs when it is not mounted",
-    )]
+    vec![
+        (
+            Capability::CAP_SYS_ADMIN,
+            "enter other network namespaces (their listeners and counters) and mount tracefs when it is not mounted",
+        ),
+        (
+            Capability::CAP_SYS_PTRACE,
+            "find the network namespaces of processes of other users",
+        ),
+    ]
 }
 
 fn kernel_knows(cap: Capability) -> bool {

@@ -77,14 +77,27 @@ pub fn check(args: &CheckArgs) -> bool {
                     .into(),
         },
     });
+    lines.push(match &support.cgroup2 {
+        Some(dir) => Line {
+            ok: true,
+            feature: "cgroup2".into(),
+            detail: dir.display().to_string(),
+        },
+        None => Line {
+            ok: false,
+            feature: "cgroup2".into(),
+            detail: "no cgroup v2 hierarchy found: listen_ingress (SYN-stage overflows, SYN-queue full) is unavailable; mount one or pass --path.cgroup2".into(),
+        },
+    });
+    // Nothing is pinned, so bpffs is only reported, never required.
     let bpffs = is_mounted(Path::new("/sys/fs/bpf"), "bpf");
     lines.push(Line {
-        ok: bpffs,
+        ok: true,
         feature: "bpffs".into(),
         detail: if bpffs {
-            "/sys/fs/bpf".into()
+            "/sys/fs/bpf (not needed: nothing is pinned)".into()
         } else {
-            "not mounted at /sys/fs/bpf (not needed: nothing is pinned)".into()
+            "not mounted; not needed (nothing is pinned)".into()
         },
     });
     // Attach for real when we may: a probe is only available if the kernel accepts it.
