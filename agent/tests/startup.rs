@@ -112,6 +112,16 @@ fn missing_capabilities_are_named() -> Result<()> {
 
 /// A fake tracefs that lacks `tcp:tcp_receive_reset`, as an old or trimmed kernel would.
 fn tracefs_without_receive_reset() -> Result<tempdir::Dir> {
+    // On a fresh machine tracefs may not be mounted yet: the agent mounts it when it needs it.
+    if !Path::new("/sys/kernel/tracing/events").is_dir() {
+        let status = Command::new(AGENT)
+            .args(["check", "--probe.mode=tracepoint"])
+            .output()?;
+        anyhow::ensure!(
+            status.status.code().is_some(),
+            "sockscope check did not run"
+        );
+    }
     let dir = tempdir::Dir::new("tracefs")?;
     for tp in ["sock/inet_sock_set_state", "tcp/tcp_send_reset"] {
         let src = Path::new("/sys/kernel/tracing/events")
