@@ -44,6 +44,8 @@ pub enum Command {
     Run(RunArgs),
     /// Say, feature by feature, what this kernel and these privileges allow.
     Check(CheckArgs),
+    /// Show every TCP listener with its queues, its drops during an interval and a diagnosis.
+    Listeners(ListenersArgs),
 }
 
 /// Options of `sockscope run`.
@@ -86,6 +88,27 @@ pub struct RunArgs {
 #[derive(Clone, Debug, Args)]
 pub struct CheckArgs {
     /// Where the kernel's interfaces are.
+    #[command(flatten)]
+    pub paths: PathArgs,
+}
+
+/// Options of `sockscope listeners`.
+#[derive(Clone, Debug, Args)]
+pub struct ListenersArgs {
+    /// How long to measure: `5s`, `500ms`, `2m`, or seconds (`5`); the queues are sampled
+    /// every 100 ms meanwhile (every second with --agent).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::listeners_cmd::parse_interval)]
+    pub interval: std::time::Duration,
+    /// Measure again after every interval and redraw, until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print one JSON document per interval (one per line) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Read a running agent's page (`http://host:9844`) instead of the kernel.
+    #[arg(long, value_name = "URL", value_parser = crate::listeners_cmd::agent::AgentUrl::parse)]
+    pub agent: Option<crate::listeners_cmd::agent::AgentUrl>,
+    /// Where the kernel's interfaces are (without --agent).
     #[command(flatten)]
     pub paths: PathArgs,
 }
@@ -255,6 +278,33 @@ mod tests {
             panic!("run subcommand")
         };
         assert!(run.collectors.enabled("resets"), "the last flag wins");
+    }
+
+    #[test]
+    fn listeners_options() {
+        let cli = parse(&[
+            "listeners",
+            "--interval",
+            "2s",
+            "--json",
+            "--agent",
+            "http://[::1]:9844",
+        ])
+        .expect("parses");
+        let Some(Command::Listeners(args)) = cli.command else {
+            panic!("listeners subcommand")
+        };
+        assert_eq!(args.interval, std::time::Duration::from_secs(2));
+        assert!(args.json && !args.watch);
+        assert_eq!(args.agent.map(|u| u.port), Some(9844));
+        for bad in [
+            &["listeners", "--interval", "0"][..],
+            &["listeners", "--interval", "soon"],
+            &["listeners", "--agent", "ftp://x"],
+            &["listeners", "--bogus"],
+        ] {
+            assert_eq!(parse(bad).expect_err("must fail").exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //! the programs, [`metrics`] reads them at scrape time, [`server`] answers HTTP,
 //! [`kernel`] knows where the running kernel keeps things, [`listeners`] lists listening
 //! sockets through sock_diag, [`netns`] finds the host's network namespaces and works inside
-//! each of them.
+//! each of them; [`listeners_cmd`] is `sockscope listeners`, the table of listeners.
 
 pub mod caps;
 pub mod check;
 pub mod cli;
 pub mod kernel;
 pub mod listeners;
+pub mod listeners_cmd;
 pub mod metrics;
 pub mod netns;
 pub mod probes;
@@ -36,6 +37,12 @@ pub fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        Some(cli::Command::Listeners(args)) => {
+            // The command reports what it could not measure itself: the probes' warnings
+            // would only repeat it on stderr.
+            init_logging("error");
+            listeners_cmd::main(&args)
         }
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),

@@ -296,9 +296,11 @@ fn concurrent_flood_within_one_percent() -> Result<()> {
     drop(clients);
     let overflows = kernel.get("TcpExtListenOverflows")? as f64;
     let cookies = kernel.get("TcpExtTCPReqQFullDoCookies")? as f64;
+    // Which queue fills first is the race itself: when the connects fill the accept queue
+    // before the spoofed SYNs fill the SYN queue there are no cookies, and that is compared too.
     assert!(
-        overflows > 0.0 && cookies > 0.0,
-        "the flood must fill both queues: {kernel:?}"
+        overflows > 0.0,
+        "the flood must overflow the accept queue: {kernel:?}"
     );
     let report = format!("agent {got:?}\nkernel {kernel:?}");
     eprintln!(

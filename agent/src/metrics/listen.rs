@@ -861,7 +861,7 @@ impl EventState {
 /// The series an event at `id` belongs to: the listener with exactly that id, else the
 /// wildcard listener of the same family and port, else a dual-stack `::` listener for an IPv4
 /// id, else the id as it is (a listener that came and went between two passes).
-fn resolve(listeners: &NsListeners, id: ListenerId) -> ListenerId {
+pub fn resolve(listeners: &NsListeners, id: ListenerId) -> ListenerId {
     if listeners.series_at(id.addr, id.port).is_some() {
         return id;
     }
