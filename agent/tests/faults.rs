@@ -86,11 +86,18 @@ fn namespaces_and_listeners_churning_during_scrapes() -> Result<()> {
     }
     let home = Netns::new()?;
     let agent = AgentProcess::start(&home, Path::new(AGENT), &[], agent_addr())?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The churn goes on until the scrapes have seen enough of it (a slow, busy machine
+    // scrapes slowly), bounded by the round count and the deadline.
+    const SCRAPES: usize = 8;
+    let enough = std::sync::atomic::AtomicBool::new(false);
     let scrapes = std::thread::scope(|s| -> Result<usize> {
+        let enough = &enough;
         let churn = s.spawn(move || -> Result<()> {
-            for round in 0..40u64 {
-                if Instant::now() > deadline {
+            for round in 0..400u64 {
+                if Instant::now() > deadline
+                    || (round >= 40 && enough.load(std::sync::atomic::Ordering::Relaxed))
+                {
                     break;
                 }
                 let ns = Netns::new()?;
@@ -127,11 +134,17 @@ fn namespaces_and_listeners_churning_during_scrapes() -> Result<()> {
                 agent.log()
             );
             scrapes += 1;
+            if scrapes >= SCRAPES {
+                enough.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         churn.join().expect("churn thread")?;
         Ok(scrapes)
     })?;
-    assert!(scrapes > 5, "only {scrapes} scrapes ran");
+    assert!(
+        scrapes >= SCRAPES,
+        "only {scrapes} scrapes ran during the churn"
+    );
     Ok(())
 }
 

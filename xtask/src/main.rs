@@ -141,7 +141,7 @@ fn run_phases(phases: Vec<Phase>) -> Result<()> {
 
 fn cargo_test(extra: &[OsString]) -> Result<()> {
     // Debug is enough: agent/build.rs always builds the eBPF object in release.
-    let mut test = cargo("test --workspace --exclude agent-ebpf");
+    let mut test = cargo("test --workspace --exclude agent-ebpf --no-fail-fast");
     test.args(extra).env("RUST_BACKTRACE", "1");
     run_checked(&mut test)
 }
