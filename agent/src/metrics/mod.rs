@@ -11,7 +11,7 @@ pub mod resets;
 use std::{sync::Arc, time::Instant};
 
 use prometheus::{
-    CounterVec, Encoder as _, GaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, GaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -168,9 +168,14 @@ impl Metrics {
 
     /// The page in the Prometheus text format.
     pub fn render(&self) -> Result<Vec<u8>, prometheus::Error> {
+        // The registry runs the collectors and sorts the series; the text is written by
+        // `family::encode_text` (the TextEncoder's format, without its per-sample
+        // allocations), into a buffer sized from the last page, freeing each series once
+        // it is written. Then, at most once a minute, freed memory goes back to the kernel.
         let families = self.registry.gather();
-        let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&families, &mut out)?;
+        let mut out = family::page_buffer();
+        family::encode_text(families, &mut out)?;
+        family::release_freed_memory();
         Ok(out)
     }
 }

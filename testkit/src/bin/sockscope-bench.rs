@@ -1,8 +1,9 @@
 //! `sockscope-bench`: what the agent costs the traffic it watches, measured on this machine.
 //!
 //! Run by `cargo xtask bench` as `sockscope-bench --agent target/release/sockscope [ARGS]`.
-//! Every section creates its own throwaway network namespace and sends only to that
-//! namespace's loopback, so it neither depends on nor disturbs the host's network.
+//! Every section creates its own throwaway network namespaces and sends only inside them
+//! (loopback, or a veth pair between two of its own namespaces), so it neither depends on nor
+//! disturbs the host's network. Every load loop is bounded in count and in time.
 //!
 //! - `resets`: a bounded reset storm, N connects to a closed port on 127.0.0.1, each refused
 //!   by the kernel with an RST, timed in rounds alternating without and with the agent (ABAB,
@@ -11,50 +12,102 @@
 //!   Every with-agent round also checks that the agent counted each reset (its `no_socket`
 //!   delta = the namespace's `TcpOutRsts` delta = N). Then, with the agent still running and
 //!   its maps filled, /metrics latency over K scrapes, and the agent's RSS and CPU time.
+//! - `churn`: connection churn on loopback, each connection connect + accept + close, timed
+//!   in rounds ABAB without/with the agent (target ratio ≥ 0.97); every with-agent round checks
+//!   the agent's handshake count for the listener against `TcpPassiveOpens`.
+//! - `synflood`: a paced SYN flood from spoofed sources over a veth lab, against a listener
+//!   with backlog 128 and `tcp_syncookies=1`, the agent scraped every 10 s meanwhile: its
+//!   counts must equal the kernel's (`TCPReqQFullDoCookies`, `ListenDrops`); its CPU over
+//!   the flood (target < 2% of a core) and RSS.
+//! - `listeners`: 10,000 idle listeners; /metrics latency (target < 100 ms), page size,
+//!   series, agent RSS (target < 64 MiB), and series = a + b·listeners.
+//! - `peers`: the same measures, side by side in one namespace, for what else runs here:
+//!   node_exporter's netstat and sockstat collectors (/metrics with 10,000 listeners), bpftrace
+//!   with a tracepoint-only script (its cost on the churn), and bcc's `tcpsynbl` (needs
+//!   kprobes). A tool that cannot run here is reported so, with the reason; nothing is faked.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
-//! More sections (listen backlog, TIME_WAIT, socket filters) go in as [`Section`] variants.
 
+#[path = "sockscope-bench/churn.rs"]
+mod churn;
+#[path = "sockscope-bench/listeners.rs"]
+mod listeners;
 #[path = "sockscope-bench/measure.rs"]
 mod measure;
+#[path = "sockscope-bench/peers.rs"]
+mod peers;
 #[path = "sockscope-bench/resets.rs"]
 mod resets;
+#[path = "sockscope-bench/synflood.rs"]
+mod synflood;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(about = "Measures what the sockscope agent costs, in throwaway network namespaces")]
-struct Args {
+pub struct Args {
     /// The agent binary (target/release/sockscope)
     #[arg(long)]
     agent: PathBuf,
     /// Connects to a closed port per reset-storm round
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     connects: u64,
-    /// Reset-storm rounds without the agent, and as many with it
+    /// Rounds without the agent, and as many with it (reset storm, churn, peers' churn)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
-    /// /metrics scrapes timed for the latency figures
+    /// /metrics scrapes timed after the reset storm
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     scrapes: u32,
-    /// Time limit of each load loop (one storm round, the scrapes), in seconds
+    /// Time limit of each load loop (one round, one series of scrapes), in seconds
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
-    /// Run only this section (default: every section)
-    #[arg(long, value_enum)]
-    only: Option<Section>,
+    /// Connections (connect + accept + close) per churn round
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    churn_connections: u64,
+    /// SYNs per flood (each from a new spoofed source)
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    flood_syns: u64,
+    /// Seconds each flood is spread over (sets the rate)
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    flood_seconds: u64,
+    /// Floods, one after the other, each against a fresh listener
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    flood_rounds: u32,
+    /// Seconds between two scrapes during a flood (as a Prometheus server would)
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    scrape_interval: u64,
+    /// Idle listeners of the `listeners` and `peers` sections
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    listeners: u64,
+    /// /metrics scrapes timed with the idle listeners (per tool in `peers`)
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    listener_scrapes: u32,
+    /// Never install missing peers (node_exporter, bpftrace) with apt-get
+    #[arg(long)]
+    no_install: bool,
+    /// Run only these sections, comma-separated (default: every section)
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
 }
 
 /// A benchmark section; each is one function that prints its own tables.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
     /// Reset storm without/with the agent, then /metrics latency and the agent's RSS and CPU
     Resets,
+    /// Connection churn on loopback without/with the agent
+    Churn,
+    /// A bounded SYN flood from spoofed sources: exact counts, agent CPU and RSS
+    Synflood,
+    /// Idle listeners: /metrics latency, page size, series, agent RSS
+    Listeners,
+    /// node_exporter, bpftrace and bcc's tcpsynbl beside the agent, where they can run
+    Peers,
 }
 
 fn main() -> ExitCode {
@@ -84,18 +137,37 @@ fn run(args: &Args) -> Result<Vec<String>> {
         .unwrap_or_else(|_| "unknown".into());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "sockscope-bench: Linux {release}, {cpus} CPUs, N = {} connects, R = {} rounds, {} scrapes",
-        args.connects, args.rounds, args.scrapes
+        "sockscope-bench: Linux {release}, {cpus} CPUs, agent {}, R = {} rounds",
+        args.agent.display(),
+        args.rounds
     );
-    let sections = match args.only {
-        Some(section) => vec![section],
-        None => Section::value_variants().to_vec(),
+    let sections = if args.only.is_empty() {
+        Section::value_variants().to_vec()
+    } else {
+        Section::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| args.only.contains(s))
+            .collect()
     };
     let mut broken = Vec::new();
     for section in sections {
-        broken.extend(match section {
-            Section::Resets => resets::run(args)?,
-        });
+        println!();
+        let found = match section {
+            Section::Resets => resets::run(args),
+            Section::Churn => churn::run(args),
+            Section::Synflood => synflood::run(args),
+            Section::Listeners => listeners::run(args),
+            Section::Peers => peers::run(args),
+        };
+        // One section that cannot run does not keep the others from reporting.
+        match found.with_context(|| format!("section {section:?}")) {
+            Ok(problems) => broken.extend(problems),
+            Err(err) => {
+                println!("section {section:?} stopped: {err:#}");
+                broken.push(format!("{err:#}"));
+            }
+        }
     }
     Ok(broken)
 }

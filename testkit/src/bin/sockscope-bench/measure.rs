@@ -88,3 +88,193 @@ pub fn percentile(values: &[Duration], p: f64) -> Duration {
         .copied()
         .unwrap_or_default()
 }
+
+/// `VmHWM` of `pid` (the peak resident set since it started), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in {path}"))
+}
+
+/// KiB as MiB, for the tables.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Raises this process's soft limit of open files to at least `want` (and the hard limit,
+/// which root may do, when it is lower). Children (the agent) inherit it.
+pub fn raise_nofile(want: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur >= want {
+        return Ok(());
+    }
+    limit.rlim_max = limit.rlim_max.max(want);
+    limit.rlim_cur = want;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {want})"));
+    }
+    Ok(())
+}
+
+/// Rates of repeated rounds: median and spread, as the tables print them.
+pub struct Rates(pub Vec<f64>);
+
+impl Rates {
+    pub fn median(&self) -> f64 {
+        median(&self.0)
+    }
+
+    /// `lo–hi`, rounded to whole units.
+    pub fn spread(&self) -> String {
+        let (lo, hi) = min_max(&self.0);
+        format!("{lo:.0}–{hi:.0}")
+    }
+}
+
+/// "met" or "not met".
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "not met" }
+}
+
+/// One timed series of GETs of a /metrics page.
+pub struct Scrapes {
+    /// Each GET's wall time, client side (connect to last byte).
+    pub times: Vec<Duration>,
+    /// The last page's size in bytes.
+    pub page: usize,
+    /// Sample lines of the last page.
+    pub series: usize,
+    /// The last page.
+    pub last: String,
+}
+
+impl Scrapes {
+    /// Milliseconds at percentile `p` (0..=1).
+    pub fn ms(&self, p: f64) -> f64 {
+        percentile(&self.times, p).as_secs_f64() * 1e3
+    }
+}
+
+/// GETs `path` from `addr` inside `ns` up to `k` times (at most for `limit`), timing each.
+pub fn time_scrapes(
+    ns: &testkit::Netns,
+    addr: std::net::SocketAddr,
+    path: &str,
+    k: u32,
+    limit: Duration,
+) -> Result<Scrapes> {
+    let start = Instant::now();
+    let mut times = Vec::with_capacity(k as usize);
+    let mut last = String::new();
+    while times.len() < k as usize && (times.is_empty() || start.elapsed() < limit) {
+        let (took, (status, body)) = time(|| testkit::http_get(ns, addr, path))?;
+        if status != 200 {
+            anyhow::bail!("GET {path} from {addr} answered {status}: {}", body.trim());
+        }
+        times.push(took);
+        last = body;
+    }
+    Ok(Scrapes {
+        times,
+        page: last.len(),
+        series: sample_lines(&last),
+        last,
+    })
+}
+
+/// Lines of a Prometheus text page that are samples (not comments, not blank).
+pub fn sample_lines(page: &str) -> usize {
+    page.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
+/// Resets `pid`'s `VmHWM` to its current RSS (`/proc/PID/clear_refs` 5), so that a later
+/// [`peak_rss_kib`] shows the peak of what happened in between.
+pub fn reset_peak_rss(pid: u32) -> Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("write 5 to {path}"))
+}
+
+/// A /metrics server measured over a series of scrapes: latency, page, RSS, CPU.
+pub struct Served {
+    pub scrapes: Scrapes,
+    /// RSS after the scrapes, KiB.
+    pub rss_kib: u64,
+    /// Peak RSS during the scrapes, KiB.
+    pub peak_kib: u64,
+    /// CPU time (user + system) per scrape.
+    pub cpu_per_scrape: Duration,
+}
+
+/// Times `k` scrapes of `http://addr/metrics` (bounded by `limit`) served by process `pid`
+/// inside `ns`, after one untimed warm-up scrape.
+pub fn measure_server(
+    ns: &testkit::Netns,
+    pid: u32,
+    addr: std::net::SocketAddr,
+    k: u32,
+    limit: Duration,
+) -> Result<Served> {
+    time_scrapes(ns, addr, "/metrics", 1, limit).context("warm-up scrape")?;
+    reset_peak_rss(pid)?;
+    let cpu0 = cpu_time(pid)?;
+    let scrapes = time_scrapes(ns, addr, "/metrics", k, limit)?;
+    let cpu = cpu_time(pid)?.saturating_sub(cpu0);
+    let n = u32::try_from(scrapes.times.len().max(1)).unwrap_or(u32::MAX);
+    Ok(Served {
+        rss_kib: rss_kib(pid)?,
+        peak_kib: peak_rss_kib(pid)?,
+        cpu_per_scrape: cpu / n,
+        scrapes,
+    })
+}
+
+/// Series of `page` labelled with another network namespace than `ours`, and how many such
+/// namespaces: the agent reads every namespace of the host, so other processes' listeners
+/// (a parallel test run) weigh on its page too.
+pub fn foreign_series(page: &str, ours: u64) -> (usize, usize) {
+    let ours = ours.to_string();
+    let mut namespaces = std::collections::BTreeSet::new();
+    let mut series = 0;
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some((_, rest)) = line.split_once("netns=\"") else {
+            continue;
+        };
+        let netns = rest.split('"').next().unwrap_or_default();
+        if netns != ours {
+            series += 1;
+            namespaces.insert(netns.to_owned());
+        }
+    }
+    (series, namespaces.len())
+}
+
+/// Prints a warning when other namespaces put more than a few series on the page.
+pub fn warn_foreign(page: &str, ours: u64) {
+    let (series, namespaces) = foreign_series(page, ours);
+    // The host's namespace and a few test namespaces hold some series anyway.
+    if series > 1000 {
+        println!(
+            "warning: {series} series of {namespaces} other namespaces on the page (other processes' \
+             listeners): they weigh on the figures above"
+        );
+    }
+}

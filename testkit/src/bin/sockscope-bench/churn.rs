@@ -1,0 +1,207 @@
+//! Section `churn`: connections opened and closed on loopback, without and with the agent.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::{AgentProcess, Metrics, Netns};
+
+use crate::Args;
+use crate::listeners::AGENT_LISTEN;
+use crate::measure::{Rates, cpu_time, foreign_agents, median, verdict};
+
+/// The ratio with/without the agent that the churn should reach.
+pub const TARGET_RATIO: f64 = 0.97;
+/// Connections of the untimed warm-up round (at most N).
+const WARMUP: u64 = 5_000;
+
+/// One timed churn round: how many connections, in how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
+    pub connections: u64,
+    pub wall: Duration,
+}
+
+impl Round {
+    pub fn rate(&self) -> f64 {
+        self.connections as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A namespace with a listener on 127.0.0.1 to churn against.
+pub struct ChurnLab {
+    pub ns: Netns,
+    pub listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl ChurnLab {
+    /// A fresh namespace and listener, sized for `total` connections over its life.
+    pub fn new(total: u64) -> Result<ChurnLab> {
+        let ns = Netns::new()?;
+        // The server closes first, so each connection leaves one TIME_WAIT socket on the
+        // server's side (the client's ports are free again at once). Room for all of them:
+        // past the limit the kernel would skip TIME_WAIT, and later rounds would do less work.
+        let buckets = total.saturating_add(total / 4).max(262_144);
+        ns.sysctl("net.ipv4.tcp_max_tw_buckets", &buckets.to_string())?;
+        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+        let addr = listener.local_addr()?;
+        Ok(ChurnLab { ns, listener, addr })
+    }
+
+    /// Up to `n` connections, each connect + accept + close (server first), stopping early
+    /// after `limit`. Timed on the namespace's thread (its creation and setns not counted).
+    pub fn round(&self, n: u64, limit: Duration) -> Result<Round> {
+        self.ns.run(|| -> Result<Round> {
+            let start = Instant::now();
+            let mut done = 0;
+            while done < n {
+                let client = TcpStream::connect(self.addr)
+                    .with_context(|| format!("connect {} number {done}", self.addr))?;
+                let (server, peer) = self
+                    .listener
+                    .accept()
+                    .with_context(|| format!("accept number {done}"))?;
+                if Some(peer) != client.local_addr().ok() {
+                    bail!("accepted {peer}, not our client: someone else connects");
+                }
+                drop(server);
+                drop(client);
+                done += 1;
+                if done % 1024 == 0 && start.elapsed() >= limit {
+                    break;
+                }
+            }
+            Ok(Round {
+                connections: done,
+                wall: start.elapsed(),
+            })
+        })?
+    }
+
+    /// The agent's handshake count for our listener's port in our namespace.
+    pub fn handshakes(&self, m: &Metrics) -> f64 {
+        let netns = self.ns.inode().to_string();
+        let port = self.addr.port().to_string();
+        m.sum(
+            "sockscope_listen_handshakes_total",
+            &[("netns", &netns), ("port", &port)],
+        )
+    }
+
+    /// A round with the agent running, checked: the agent's handshake delta for the
+    /// listener and the namespace's `TcpPassiveOpens` delta must both equal the connections.
+    pub fn checked_round(&self, agent: &AgentProcess, n: u64, limit: Duration) -> Result<Checked> {
+        let agent0 = self.handshakes(&agent.scrape()?);
+        let opens0 = self.ns.counters()?.get("TcpPassiveOpens")?;
+        let cpu0 = cpu_time(agent.pid())?;
+        let round = self.round(n, limit)?;
+        let cpu = cpu_time(agent.pid())?.saturating_sub(cpu0);
+        let opens = self.ns.counters()?.get("TcpPassiveOpens")? - opens0;
+        let counted = (self.handshakes(&agent.scrape()?) - agent0).max(0.0) as u64;
+        Ok(Checked {
+            round,
+            counted,
+            opens,
+            cpu,
+        })
+    }
+}
+
+/// A with-agent round and what was counted in it.
+pub struct Checked {
+    pub round: Round,
+    /// The agent's handshakes for the listener.
+    pub counted: u64,
+    /// The namespace's `TcpPassiveOpens` delta (our scrapes are not in the round).
+    pub opens: u64,
+    /// The agent's CPU time during the round.
+    pub cpu: Duration,
+}
+
+impl Checked {
+    /// A description of the mismatch, if the counts are not all equal to the connections.
+    pub fn mismatch(&self, who: &str, i: usize) -> Option<String> {
+        let n = self.round.connections;
+        (self.counted != n || self.opens != n).then(|| {
+            format!(
+                "{who} round {}: {} handshakes counted, TcpPassiveOpens rose by {}, {n} connections",
+                i + 1,
+                self.counted,
+                self.opens
+            )
+        })
+    }
+}
+
+/// Runs the section and prints its table; returns what was found broken.
+pub fn run(args: &Args) -> Result<Vec<String>> {
+    let n = args.churn_connections;
+    let limit = Duration::from_secs(args.timeout);
+    let lab = ChurnLab::new(n * (2 * u64::from(args.rounds) + 1))?;
+    lab.round(n.min(WARMUP), limit).context("warm-up churn")?;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut foreign = BTreeSet::new();
+    for _ in 0..args.rounds {
+        foreign.extend(foreign_agents(None));
+        without.push(lab.round(n, limit)?);
+        // Stopped again at the end of the iteration: the next "without" round has no probes.
+        let agent = AgentProcess::start(&lab.ns, &args.agent, &[], AGENT_LISTEN)?;
+        with.push(lab.checked_round(&agent, n, limit)?);
+        foreign.extend(foreign_agents(Some(agent.pid())));
+    }
+
+    println!(
+        "== churn: {n} connections (connect + accept + close) on loopback, {} rounds each, ABAB ==",
+        args.rounds
+    );
+    let rates_without = Rates(without.iter().map(Round::rate).collect());
+    let rates_with = Rates(with.iter().map(|w| w.round.rate()).collect());
+    println!("{:<17}{:<13}{:<19}(connections/s)", "", "median", "min–max");
+    for (label, rates) in [
+        ("without agent", &rates_without),
+        ("with agent", &rates_with),
+    ] {
+        println!("{label:<17}{:<13.0}{}", rates.median(), rates.spread());
+    }
+    let ratio = rates_with.median() / rates_without.median();
+    println!(
+        "{:<17}{ratio:<13.3}target ≥ {TARGET_RATIO}: {}",
+        "ratio",
+        verdict(ratio >= TARGET_RATIO)
+    );
+    let rounds = without.iter().chain(with.iter().map(|w| &w.round));
+    let truncated = rounds.filter(|r| r.connections < n).count();
+    if truncated > 0 {
+        println!(
+            "{:<17}{truncated} rounds stopped at the {}s limit",
+            "", args.timeout
+        );
+    }
+    if !foreign.is_empty() {
+        println!(
+            "warning: other sockscope agents ran meanwhile (pids {foreign:?}): their probes skew both"
+        );
+    }
+    let cpu: Vec<f64> = (with.iter())
+        .map(|w| 100.0 * w.cpu.as_secs_f64() / w.round.wall.as_secs_f64().max(1e-9))
+        .collect();
+    println!(
+        "{:<17}{:.1}% of a core during the rounds (median; the probes' cost is in the ratio)",
+        "agent CPU",
+        median(&cpu)
+    );
+    let broken: Vec<String> = (with.iter().enumerate())
+        .filter_map(|(i, w)| w.mismatch("churn", i))
+        .collect();
+    if broken.is_empty() {
+        println!(
+            "{:<17}exact: handshakes counted = TcpPassiveOpens = connections in every round",
+            "counts"
+        );
+    } else {
+        println!("{:<17}INEXACT: {}", "counts", broken.join("; "));
+    }
+    Ok(broken)
+}
