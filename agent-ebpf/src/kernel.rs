@@ -26,6 +26,10 @@ static LAYOUT: KernelLayout = KernelLayout::ABSENT;
 #[map]
 pub static LISTEN_PORTS: HashMap<ListenPortKey, u8> = HashMap::with_max_entries(16384, 0);
 
+/// 1 when any port is watched: saves the bitmap lookup on every event otherwise.
+#[unsafe(no_mangle)]
+static WATCH_ANY: u32 = 0;
+
 /// Ports whose label is never folded (`--watch.ports`), one bit per port.
 #[map]
 static WATCH_PORTS: Array<u64> = Array::with_max_entries(WATCH_PORT_WORDS, 0);
@@ -74,6 +78,48 @@ pub fn skb_local_port(skb: u64) -> u16 {
     kread::<u16>(head + u64::from(th), 2).map_or(0, u16::from_be)
 }
 
+/// Bytes of `struct sock_common` read at once: state, ports, family and the namespace
+/// pointer all sit in this prefix on the kernels we know; a field beyond it is read alone.
+const SKC_PREFIX: usize = 64;
+
+/// The first bytes of a socket's `sock_common`, read with one helper call instead of one per
+/// field (each call costs as much as the rest of a program).
+pub struct SkCommon {
+    sk: u64,
+    bytes: [u8; SKC_PREFIX],
+}
+
+impl SkCommon {
+    /// Reads the prefix of `sk`'s `sock_common`.
+    #[inline(always)]
+    pub fn read(sk: u64) -> Option<Self> {
+        let bytes = kread::<[u8; SKC_PREFIX]>(sk, 0)?;
+        Some(Self { sk, bytes })
+    }
+
+    /// The field at `offset`, from the prefix or, beyond it, from the socket.
+    #[inline(always)]
+    pub fn field<T: Copy>(&self, offset: u32) -> Option<T> {
+        if offset == FIELD_ABSENT {
+            return None;
+        }
+        let at = offset as usize;
+        if at + core::mem::size_of::<T>() <= SKC_PREFIX {
+            // SAFETY: in bounds of the buffer, checked above; unaligned read of plain data.
+            Some(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(at).cast::<T>()) })
+        } else {
+            kread(self.sk, offset)
+        }
+    }
+
+    /// The socket's network namespace inode.
+    #[inline(always)]
+    pub fn netns(&self) -> u32 {
+        let net: u64 = self.field(layout(|l| &l.sk_net)).unwrap_or(0);
+        kread(net, layout(|l| &l.net_inum)).unwrap_or(0)
+    }
+}
+
 /// Network namespace inode of a socket (`sock_common`, so request and timewait sockets too).
 #[inline(always)]
 pub fn sk_netns(sk: u64) -> u32 {
@@ -114,7 +160,10 @@ pub fn skb_netns(skb: u64) -> u32 {
 /// it is watched or has a listener in `netns`, else [`PORT_OTHER`].
 #[inline(always)]
 pub fn port_label(netns: u32, port: u16) -> u16 {
-    if let Some(word) = WATCH_PORTS.get(u32::from(port) / 64)
+    // SAFETY: WATCH_ANY is a valid static; volatile only prevents constant folding.
+    let watching = unsafe { core::ptr::read_volatile(&WATCH_ANY) } != 0;
+    if watching
+        && let Some(word) = WATCH_PORTS.get(u32::from(port) / 64)
         && word & (1u64 << (port % 64)) != 0
     {
         return port;

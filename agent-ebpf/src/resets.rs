@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 
 use crate::kernel::{
-    increment, kread, layout, port_label, record, sk_netns, skb_local_port, skb_netns,
+    SkCommon, increment, kread, layout, port_label, record, sk_netns, skb_local_port, skb_netns,
 };
 
 /// Resets sent, by (netns, port, state, reason).
@@ -42,10 +42,7 @@ fn count_sent<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8, reason:
     increment(ctx, &RESETS_SENT, &key, map_error::RESETS_SENT);
 }
 
-fn count_received<C: EbpfContext>(ctx: &C, sk: u64, port: u16) {
-    let netns = sk_netns(sk);
-    // The classic record carries no state on recent kernels: read it from the socket.
-    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+fn count_received<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8) {
     let key = ResetKey {
         netns,
         port: port_label(netns, port),
@@ -66,13 +63,13 @@ pub fn rst_send_raw(ctx: RawTracePointContext) -> i32 {
     } else {
         Some(ctx.arg::<u64>(2) as u32)
     };
-    if sk != 0 {
+    if let Some(common) = SkCommon::read(sk) {
         // Full, request and timewait sockets all begin with sock_common.
-        let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
         count_sent(
             &ctx,
-            sk_netns(sk),
-            local_port(sk, state),
+            common.netns(),
+            local_port(&common, state),
             state,
             reason_label(reason),
         );
@@ -92,11 +89,13 @@ pub fn rst_send_raw(ctx: RawTracePointContext) -> i32 {
 /// The local port of a socket in `state`: `inet_sport` for full sockets (their `skc_num` is
 /// already 0 when an abort moves them to CLOSE before the RST), `skc_num` for timewait and
 /// request sockets, which have no `inet_sock`.
-fn local_port(sk: u64, state: u8) -> u16 {
+fn local_port(common: &SkCommon, state: u8) -> u16 {
     if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
-        kread(sk, layout(|l| &l.sk_num)).unwrap_or(0)
+        common.field(layout(|l| &l.sk_num)).unwrap_or(0)
     } else {
-        kread::<u16>(sk, layout(|l| &l.inet_sport)).map_or(0, u16::from_be)
+        common
+            .field::<u16>(layout(|l| &l.inet_sport))
+            .map_or(0, u16::from_be)
     }
 }
 
@@ -104,8 +103,10 @@ fn local_port(sk: u64, state: u8) -> u16 {
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn rst_recv_raw(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
-    count_received(&ctx, sk, local_port(sk, state));
+    if let Some(common) = SkCommon::read(sk) {
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_received(&ctx, common.netns(), local_port(&common, state), state);
+    }
     0
 }
 
@@ -142,6 +143,8 @@ pub fn rst_send_tp(ctx: TracePointContext) -> u32 {
 pub fn rst_recv_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.rst_recv_skaddr)).unwrap_or(0);
     let port = record::<u16>(&ctx, layout(|l| &l.rst_recv_port)).unwrap_or(0);
-    count_received(&ctx, sk, port);
+    // The classic record carries no state on recent kernels: read it from the socket.
+    let state: u8 = kread(sk, layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+    count_received(&ctx, sk_netns(sk), port, state);
     0
 }

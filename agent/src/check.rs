@@ -103,7 +103,7 @@ pub fn check(args: &CheckArgs) -> bool {
     // Attach for real when we may: a probe is only available if the kernel accepts it.
     if can_run {
         let specs: Vec<_> = support.probes.iter().map(|(s, _)| s.name).collect();
-        match Probes::load(support) {
+        match Probes::load(support, false) {
             Ok(probes) => {
                 for status in &probes.status {
                     lines.push(Line {

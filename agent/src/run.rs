@@ -96,7 +96,7 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
 async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
-    let mut probes = match Probes::load(support) {
+    let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(

@@ -121,7 +121,7 @@ impl KernelSource {
         }
         // The reset probes tell nothing here: leave them out.
         let support = KernelSupport::probe(&["resets"], &paths.to_paths(), paths.probe_mode);
-        let mut probes = match Probes::load(support) {
+        let mut probes = match Probes::load(support, false) {
             Ok(p) => p,
             Err(e) => {
                 self.unavailable.push(Unavailable {

@@ -384,13 +384,14 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the object with the resolved layout and attaches every available probe.
-    pub fn load(support: KernelSupport) -> Result<Self, ProbeError> {
+    pub fn load(support: KernelSupport, watching: bool) -> Result<Self, ProbeError> {
         if EBPF_OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &support.layout, true)
+            .override_global("WATCH_ANY", &u32::from(watching), true)
             .load(EBPF_OBJECT)?;
         let logger_task = forward_kernel_log(&mut ebpf);
         let cgroup2 = support.cgroup2.clone();
