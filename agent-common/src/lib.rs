@@ -165,7 +165,8 @@ pub struct KernelLayout {
     /// `struct sk_buff`: `transport_header` (u16 offset from `head`).
     pub skb_transport_header: u32,
     /// 1 when the kernel calls the SYN queue full at `qlen >= limit` (before Linux 6.14 and
-    /// its stable backports), 0 for `qlen > limit`.
+    /// where a stable backport has not changed it; chosen by kernel version only), 0 for
+    /// `qlen > limit`.
     pub synq_full_at_limit: u32,
 
     /// `tcp:tcp_send_reset`: `skaddr`.

@@ -216,18 +216,28 @@ pub fn add<C: EbpfContext, K>(
         unsafe { *value += n };
         return;
     }
-    count_map_error(error_index);
-    warn!(
-        ctx,
-        "counter map {} is full: an event was not counted", error_index
-    );
+    // Logged once per CPU and map, not per lost event: a full map would otherwise flood the
+    // log; the agent exports the running count (sockscope_ebpf_map_update_errors_total).
+    if count_map_error(error_index) == 0 {
+        warn!(
+            ctx,
+            "counter map {} is full: events are not counted (sockscope_ebpf_map_update_errors_total)",
+            error_index
+        );
+    }
 }
 
-/// Counts one failed map update.
+/// Counts one failed map update; returns this CPU's count before it.
 #[inline(always)]
-pub fn count_map_error(index: u32) {
-    if let Some(errors) = MAP_ERRORS.get_ptr_mut(index) {
-        // SAFETY: per-CPU array slot of this CPU.
-        unsafe { *errors += 1 };
+pub fn count_map_error(index: u32) -> u64 {
+    match MAP_ERRORS.get_ptr_mut(index) {
+        Some(errors) => {
+            // SAFETY: per-CPU array slot of this CPU.
+            let before = unsafe { *errors };
+            // SAFETY: as above.
+            unsafe { *errors = before + 1 };
+            before
+        }
+        None => 1,
     }
 }

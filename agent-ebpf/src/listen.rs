@@ -55,7 +55,7 @@ fn set_state<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32, por
             pad: 0,
         };
         if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
-            count_map_error(map_error::LISTEN_PORTS);
+            let _ = count_map_error(map_error::LISTEN_PORTS);
         }
     } else if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
         handshake(ctx, sk, port);

@@ -52,6 +52,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
     }
+    raise_nofile_limit();
     // Bind before touching the kernel: a taken port must not leave anything loaded.
     let listener = bind(args.listen_address)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -110,6 +111,18 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let mut port_sync = None;
     let mut listen_events = None;
     if let Some(probes) = probes.as_mut() {
+        let mut counters = ports::CounterMaps {
+            resets: Vec::new(),
+            listen: None,
+        };
+        for name in ["RESETS_SENT", "RESETS_RECV"] {
+            if let Some(map) = probes.second_handle(name) {
+                counters.resets.push(map.try_into()?);
+            }
+        }
+        if let Some(map) = probes.second_handle("LISTEN_EVENTS") {
+            counters.listen = Some(map.try_into()?);
+        }
         if args.collectors.enabled("resets") {
             let sent: PerCpuHashMap<MapData, _, u64> = take(probes, "RESETS_SENT")?;
             let received: PerCpuHashMap<MapData, _, u64> = take(probes, "RESETS_RECV")?;
@@ -124,7 +137,7 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
         let mut watch: Array<MapData, u64> = take(probes, "WATCH_PORTS")?;
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
-        port_sync = Some(listen);
+        port_sync = Some(ports::Upkeep::new(listen, counters));
         if args.collectors.enabled("listen") {
             listen_events = Some(take(probes, "LISTEN_EVENTS")?);
         }
@@ -229,8 +242,11 @@ fn record_probe_status(metrics: &Metrics, probes: Option<&Probes>) {
 }
 
 /// Makes the kernel's listener-port set match the listeners of every namespace now.
-fn sync_ports(map: &mut BpfHashMap<MapData, ListenPortKey, u8>, discovery: &netns::Discovery) {
+fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
+    // The keys before the walk: a listener the kernel adds meanwhile must not be pruned.
+    let before = upkeep.port_keys();
     let namespaces = discovery.discover();
+    let found: HashSet<u32> = namespaces.iter().map(|ns| ns.info.inode as u32).collect();
     let mut listening: HashMap<u32, HashSet<u16>> = HashMap::new();
     let visited = discovery.visit(&namespaces, |ns, entered| {
         if !entered {
@@ -247,9 +263,7 @@ fn sync_ports(map: &mut BpfHashMap<MapData, ListenPortKey, u8>, discovery: &netn
         tracing::warn!("listing listeners: {e}");
         return;
     }
-    if let Err(e) = ports::sync_listen_ports(map, &listening) {
-        tracing::warn!("updating listener ports: {e}");
-    }
+    upkeep.refresh(&before, &found, &listening);
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {
@@ -260,4 +274,26 @@ async fn wait_for_signal() -> std::io::Result<()> {
         _ = int.recv() => {},
     }
     Ok(())
+}
+
+/// A scrape holds one file descriptor per network namespace; a host with more than ~1,000
+/// namespaces would otherwise hit the default soft limit and see some of them vanish.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(
+                    "could not raise RLIMIT_NOFILE: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::metrics::{CONTENT_TYPE, Metrics};
 
 const INDEX: &str = "<!doctype html>\n<html><head><title>sockscope</title></head><body>\n\
-<h1>sockscope</h1>\n<p>The kernel's TCP listen backlog, resets and TIME_WAIT as Prometheus metrics.</p>\n\
+<h1>sockscope</h1>\n<p>The kernel's TCP listen backlog and resets, per listener and network namespace, as Prometheus metrics.</p>\n\
 <p><a href=\"/metrics\">Metrics</a></p>\n</body></html>\n";
 
 /// Serves until `shutdown` turns true; connections in progress finish their request.

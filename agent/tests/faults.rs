@@ -190,3 +190,38 @@ mod named {
         }
     }
 }
+
+/// The entries of a namespace that is gone are removed from the kernel maps (after two
+/// refreshes without it), so maps do not fill up as containers come and go, and its series
+/// leave the page.
+#[test]
+fn a_gone_namespace_leaves_the_maps_and_the_page() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let home = Netns::new()?;
+    let agent = AgentProcess::start(
+        &home,
+        Path::new(AGENT),
+        &["--listeners.refresh-interval=1"],
+        agent_addr(),
+    )?;
+    let gone = Netns::new()?;
+    gone.run(|| connect_closed_port(SocketAddr::from(([127, 0, 0, 1], 1)), 3))??;
+    let label = gone.inode().to_string();
+    let sent =
+        |m: &testkit::Metrics| m.sum("sockscope_tcp_resets_sent_total", &[("netns", &label)]);
+    assert_eq!(sent(&agent.scrape()?), 3.0);
+    drop(gone);
+    testkit::wait_until(Duration::from_secs(15), Duration::from_millis(250), || {
+        // Only the reset series: other tests running meanwhile may get the freed inode for
+        // a namespace of theirs (inodes are reused lowest first), but cause no resets there.
+        Ok(agent
+            .scrape()?
+            .series("sockscope_tcp_resets_sent_total")
+            .iter()
+            .all(|s| s.label("netns") != Some(label.as_str())))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: the gone namespace's series stay\n{}", agent.log()))?;
+    Ok(())
+}

@@ -17,7 +17,6 @@ const PACKAGES: &[Package] = &[
     ("libzstd-dev", "for bpf-linker's LLVM 22 link"),
     ("zlib1g-dev", "for bpf-linker's LLVM 22 link"),
     ("prometheus", "the tests check metrics with its promtool"),
-    ("iproute2", "the tests set up network namespaces with ip"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

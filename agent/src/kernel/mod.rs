@@ -4,10 +4,7 @@
 pub mod btf;
 pub mod cgroup;
 pub mod layout;
-pub mod procfs;
 pub mod tracefs;
-
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
 /// Errors from reading the kernel's self-description.
 #[derive(Debug, thiserror::Error)]
@@ -45,23 +42,6 @@ pub enum KernelError {
         /// The I/O error.
         source: std::io::Error,
     },
-}
-
-/// Inode number of a network namespace file (`/proc/<pid>/ns/net`, a bind mount under
-/// /run/netns): the value of the `netns` label.
-pub fn netns_inode(path: impl AsRef<Path>) -> Result<u64, KernelError> {
-    let path = path.as_ref();
-    fs::metadata(path)
-        .map(|m| m.ino())
-        .map_err(|source| KernelError::Read {
-            path: path.display().to_string(),
-            source,
-        })
-}
-
-/// The network namespace of the calling thread.
-pub fn own_netns() -> Result<u64, KernelError> {
-    netns_inode("/proc/thread-self/ns/net")
 }
 
 /// Whether the running kernel's release is below `major.minor` (false when unknown).

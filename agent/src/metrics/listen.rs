@@ -369,7 +369,13 @@ impl Source for Listen {
     }
 
     fn collect(&self, _: &SelfMetrics) -> anyhow::Result<Vec<MetricFamily>> {
-        let snapshot = self.scan.snapshot(Consumer::Listen)?;
+        // The state first: two concurrent scrapes then take and account their passes in the
+        // same order, so a pass is never accounted after a newer one (which would move live
+        // sockets to `closed` and count their drops twice). The scan lock comes second
+        // everywhere, so this cannot deadlock with the netstat and sysctl collectors.
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // The events before the pass: a listener that opens in between is then already in
+        // the pass that decides which series its events belong to.
         // Without the kernel programs' counts the gauges still stand: their families are
         // then absent, and the log says why.
         let events = self.events.as_ref().and_then(|source| {
@@ -378,7 +384,7 @@ impl Source for Listen {
                 .map_err(|e| tracing::warn!("reading the listen event counters: {e:#}"))
                 .ok()
         });
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = self.scan.snapshot(Consumer::Listen)?;
         Ok(state.collect(&snapshot, events))
     }
 }

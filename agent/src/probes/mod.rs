@@ -439,6 +439,21 @@ impl Probes {
         })
     }
 
+    /// A second handle on a hash map of the object (for the upkeep that removes dead
+    /// namespaces' entries while a collector owns the first); taken before the map is.
+    pub fn second_handle(&self, name: &str) -> Option<Map> {
+        let map = self.ebpf.map(name)?;
+        let data = match map {
+            Map::PerCpuHashMap(d) | Map::HashMap(d) => d,
+            _ => return None,
+        };
+        let data = aya::maps::MapData::from_id(data.info().ok()?.id()).ok()?;
+        Some(match map {
+            Map::PerCpuHashMap(_) => Map::PerCpuHashMap(data),
+            _ => Map::HashMap(data),
+        })
+    }
+
     /// Takes a map out of the object, for a collector to own.
     pub fn take_map(&mut self, name: &str) -> Option<Map> {
         self.ebpf.take_map(name)
@@ -491,15 +506,20 @@ fn attach(
                 std::fs::File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
             let program: &mut CgroupSkb = program.try_into()?;
             program.load()?;
-            // Through bpf_link (Linux 5.7+) the attachment never displaces or blocks other
-            // programs on the same cgroup; the multi flag is for the older prog_attach path
-            // only, and bpf_link_create refuses it (EINVAL).
-            let mode = if kernel::release_below(5, 7) {
-                CgroupAttachMode::AllowMultiple
-            } else {
-                CgroupAttachMode::Single
-            };
-            program.attach(&cgroup, CgroupSkbAttachType::Ingress, mode)?;
+            // Only through bpf_link (Linux 5.7+): such an attachment goes away with the
+            // agent, even on SIGKILL, and coexists with other multi-attached programs on the
+            // cgroup (the multi flag belongs to the legacy prog_attach path, which outlives
+            // the process, and bpf_link_create refuses it with EINVAL).
+            if kernel::release_below(5, 7) {
+                return Err(
+                    "cgroup programs need bpf_link (Linux 5.7); older attachments would outlive the agent".into(),
+                );
+            }
+            program.attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )?;
         }
     }
     // The id names the program in the kernel's run statistics; not having it is no failure.

@@ -1,11 +1,12 @@
-//! The port sets the programs consult for the `port` label: watched ports (a bitmap) and
-//! listening ports per network namespace (seeded and pruned here from sock_diag; the kernel
-//! adds new listeners itself the moment they enter LISTEN).
+//! Upkeep of the kernel maps: the port sets the programs consult for the `port` label
+//! (watched ports, a bitmap; listening ports per network namespace, seeded and pruned here
+//! from sock_diag while the kernel adds new listeners itself the moment they enter LISTEN),
+//! and the removal of dead namespaces' entries from every map.
 
-use std::collections::HashSet;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
-use agent_common::{ListenPortKey, WATCH_PORT_WORDS};
-use aya::maps::{Array, HashMap, MapData, MapError};
+use agent_common::{ListenPortKey, ListenerKey, ResetKey, WATCH_PORT_WORDS};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 
 /// Writes the watched ports into the `WATCH_PORTS` bitmap.
 pub fn set_watch_ports(map: &mut Array<MapData, u64>, ports: &[u16]) -> Result<(), MapError> {
@@ -19,38 +20,150 @@ pub fn set_watch_ports(map: &mut Array<MapData, u64>, ports: &[u16]) -> Result<(
     Ok(())
 }
 
-/// Makes `LISTEN_PORTS` hold, for each namespace in `listening`, exactly its ports: adds
-/// what is missing, removes ports that no longer listen. Entries of namespaces not in
-/// `listening` (not visited this time) are left alone.
-pub fn sync_listen_ports(
-    map: &mut HashMap<MapData, ListenPortKey, u8>,
-    listening: &std::collections::HashMap<u32, HashSet<u16>>,
-) -> Result<(), MapError> {
-    let stale: Vec<ListenPortKey> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| {
-            listening
-                .get(&k.netns)
-                .is_some_and(|ports| !ports.contains(&k.port))
-        })
-        .collect();
-    for key in stale {
-        // A concurrent removal by a newer sync is fine.
-        let _ = map.remove(&key);
-    }
-    for (&netns, ports) in listening {
-        for &port in ports {
-            map.insert(
-                ListenPortKey {
-                    netns,
-                    port,
-                    pad: 0,
-                },
-                1,
-                0,
-            )?;
+/// How many refreshes in a row a namespace must be missing before its entries go: one miss
+/// can be a namespace whose only process was being replaced.
+const MISSES_BEFORE_PRUNE: u8 = 2;
+
+/// Second handles on the counter maps, for removing dead namespaces' entries (the collectors
+/// own the first handles; the kernel serialises the updates).
+pub struct CounterMaps {
+    /// `RESETS_SENT` and `RESETS_RECV`.
+    pub resets: Vec<PerCpuHashMap<MapData, ResetKey, u64>>,
+    /// `LISTEN_EVENTS`.
+    pub listen: Option<PerCpuHashMap<MapData, ListenerKey, u64>>,
+}
+
+/// The periodic upkeep: listener ports and dead namespaces.
+pub struct Upkeep {
+    ports: HashMap<MapData, ListenPortKey, u8>,
+    counters: CounterMaps,
+    misses: StdHashMap<u32, u8>,
+}
+
+impl Upkeep {
+    /// Upkeep of `LISTEN_PORTS` and of the counter maps.
+    pub fn new(ports: HashMap<MapData, ListenPortKey, u8>, counters: CounterMaps) -> Self {
+        Self {
+            ports,
+            counters,
+            misses: StdHashMap::new(),
         }
     }
-    Ok(())
+
+    /// One refresh: `found` holds every namespace seen now, `listening` the listener ports of
+    /// those that could be read; `before` the listener-port keys as they were before the
+    /// namespaces were read (a port the kernel added since then is kept).
+    pub fn refresh(
+        &mut self,
+        before: &HashSet<ListenPortKey>,
+        found: &HashSet<u32>,
+        listening: &StdHashMap<u32, HashSet<u16>>,
+    ) {
+        for key in before {
+            let stale = listening
+                .get(&key.netns)
+                .is_some_and(|ports| !ports.contains(&key.port));
+            if stale {
+                // A concurrent removal is fine.
+                let _ = self.ports.remove(key);
+            }
+        }
+        for (&netns, ports) in listening {
+            for &port in ports {
+                // A full map is counted by the kernel side too; keep seeding the others.
+                if let Err(e) = self.ports.insert(
+                    ListenPortKey {
+                        netns,
+                        port,
+                        pad: 0,
+                    },
+                    1,
+                    0,
+                ) {
+                    tracing::debug!(netns, port, "seeding a listener port: {e}");
+                }
+            }
+        }
+        let dead = self.dead_namespaces(found);
+        if !dead.is_empty() {
+            tracing::debug!(
+                count = dead.len(),
+                "removing the entries of namespaces that are gone"
+            );
+            prune(&mut self.ports, &dead, |k| k.netns);
+            for map in &mut self.counters.resets {
+                prune(map, &dead, |k| k.netns);
+            }
+            if let Some(map) = self.counters.listen.as_mut() {
+                prune(map, &dead, |k| k.netns);
+            }
+        }
+    }
+
+    /// The listener-port keys now, to pass to [`Upkeep::refresh`] after reading namespaces.
+    pub fn port_keys(&self) -> HashSet<ListenPortKey> {
+        self.ports.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Namespaces that have entries in the maps but were missing from this many refreshes.
+    fn dead_namespaces(&mut self, found: &HashSet<u32>) -> HashSet<u32> {
+        let mut present: HashSet<u32> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.netns)
+            .collect();
+        for map in &self.counters.resets {
+            present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
+        }
+        if let Some(map) = &self.counters.listen {
+            present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
+        }
+        self.misses
+            .retain(|netns, _| present.contains(netns) && !found.contains(netns));
+        let mut dead = HashSet::new();
+        for netns in present.difference(found) {
+            let misses = self.misses.entry(*netns).or_insert(0);
+            *misses += 1;
+            if *misses >= MISSES_BEFORE_PRUNE {
+                dead.insert(*netns);
+            }
+        }
+        for netns in &dead {
+            self.misses.remove(netns);
+        }
+        dead
+    }
+}
+
+/// Removes the entries of `map` whose namespace is in `dead`.
+trait Removable<K> {
+    fn keys_now(&self) -> Vec<K>;
+    fn remove_key(&mut self, key: &K);
+}
+
+impl<K: aya::Pod> Removable<K> for HashMap<MapData, K, u8> {
+    fn keys_now(&self) -> Vec<K> {
+        self.keys().filter_map(Result::ok).collect()
+    }
+    fn remove_key(&mut self, key: &K) {
+        let _ = self.remove(key);
+    }
+}
+
+impl<K: aya::Pod> Removable<K> for PerCpuHashMap<MapData, K, u64> {
+    fn keys_now(&self) -> Vec<K> {
+        self.keys().filter_map(Result::ok).collect()
+    }
+    fn remove_key(&mut self, key: &K) {
+        let _ = self.remove(key);
+    }
+}
+
+fn prune<K, M: Removable<K>>(map: &mut M, dead: &HashSet<u32>, netns: impl Fn(&K) -> u32) {
+    for key in map.keys_now() {
+        if dead.contains(&netns(&key)) {
+            map.remove_key(&key);
+        }
+    }
 }
