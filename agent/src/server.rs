@@ -5,16 +5,20 @@ use std::{convert::Infallible, sync::Arc};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::metrics::{CONTENT_TYPE, Metrics};
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const INDEX: &str = "<!doctype html>\n<html><head><title>sockscope</title></head><body>\n\
 <h1>sockscope</h1>\n<p>The kernel's TCP listen backlog and resets, per listener and network namespace, as Prometheus metrics.</p>\n\
 <p><a href=\"/metrics\">Metrics</a></p>\n</body></html>\n";
 
-/// Serves until `shutdown` turns true; connections in progress finish their request.
+/// Serves until `shutdown` turns true. A client has 10 s to send its request headers, so idle
+/// or slow connections do not pile up (more limits belong to the web configuration).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -40,6 +44,8 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(route(&req, &metrics).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
