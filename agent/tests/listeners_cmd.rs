@@ -10,7 +10,6 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::SocketAddr,
-    os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -22,7 +21,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 use testkit::{
     AgentProcess, ChildGuard, Counters, Netns, SynQueueParams, VethLab, accept_overflow,
-    require_root, syn_queue_fill,
+    command_without_caps, require_root, syn_queue_fill,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -41,24 +40,7 @@ struct Run {
 
 impl Run {
     fn start(ns: &Netns, args: &[&str], drop_caps: &[u32]) -> Result<Self> {
-        let mut cmd = Command::new(AGENT);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let drop_caps = drop_caps.to_vec();
-        // SAFETY: only async-signal-safe prctl calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for cap in &drop_caps {
-                    // Dropped from the bounding set, root's exec gets no such capability.
-                    if libc::prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        let cmd = command_without_caps(Path::new(AGENT), args, drop_caps);
         let mut child = ns.spawn(cmd)?;
         let mut stdout = child.child_mut().stdout.take().context("stdout")?;
         let stderr = child.child_mut().stderr.take().context("stderr")?;

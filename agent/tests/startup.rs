@@ -4,14 +4,15 @@ use std::{
     collections::HashSet,
     fs,
     net::{SocketAddr, TcpListener},
-    os::unix::process::CommandExt as _,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use testkit::{AgentProcess, Netns, connect_closed_port, require_root, wait_until};
+use testkit::{
+    AgentProcess, Netns, command_without_caps, connect_closed_port, require_root, wait_until,
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
 
@@ -21,24 +22,7 @@ fn agent_addr() -> SocketAddr {
 
 /// Runs the agent to completion in `ns` with `args`; returns (exit code, stderr).
 fn run_to_exit(ns: &Netns, args: &[&str], drop_caps: &[u32]) -> Result<(i32, String)> {
-    let mut cmd = Command::new(AGENT);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let drop_caps = drop_caps.to_vec();
-    // SAFETY: only async-signal-safe prctl calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for cap in &drop_caps {
-                // Dropped from the bounding set, root's exec gets no such capability.
-                if libc::prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = command_without_caps(Path::new(AGENT), args, drop_caps);
     let output = ns.run(move || cmd.output())??;
     let code = output.status.code().context("killed by a signal")?;
     Ok((code, String::from_utf8_lossy(&output.stderr).into_owned()))

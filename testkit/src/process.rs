@@ -86,3 +86,32 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// A command for `program` with `args`, standard input closed and output piped, that runs
+/// without the capabilities `drop_caps` (numbers as in linux/capability.h): they are
+/// dropped from the bounding set before exec, so even root's exec does not get them.
+pub fn command_without_caps(
+    program: &std::path::Path,
+    args: &[&str],
+    drop_caps: &[u32],
+) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let drop_caps = drop_caps.to_vec();
+    // SAFETY: only async-signal-safe prctl calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for cap in &drop_caps {
+                if libc::prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
