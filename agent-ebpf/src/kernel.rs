@@ -67,6 +67,22 @@ pub fn kread<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// Reads a `T` at `base + offset` with a plain load: only for pointers the verifier knows
+/// by their BTF type (BTF tracepoint and fentry arguments, and pointers loaded from them),
+/// where it checks the access against the type and turns a fault into a zero. `offset`
+/// must come from [`LAYOUT`] (read-only, so the verifier sees a constant); a field the
+/// kernel lacks reads as zero.
+#[inline(always)]
+pub fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    if offset == FIELD_ABSENT {
+        // SAFETY: only integers and pointers are loaded, for which zero is valid.
+        return unsafe { core::mem::zeroed() };
+    }
+    // SAFETY: see above: the verifier checks the access against the kernel's BTF and
+    // rewrites it into a fault-tolerant load.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
+}
+
 /// Destination port of a received segment (the local port), from its TCP header.
 #[inline(always)]
 pub fn skb_local_port(skb: u64) -> u16 {

@@ -16,7 +16,9 @@ use agent_common::KernelLayout;
 use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
+    },
 };
 
 use crate::kernel::{self, btf::KernelBtf, layout, tracefs::Format};
@@ -27,6 +29,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where a probe attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// A BTF tracepoint (`tp_btf`): the raw tracepoint's arguments with their kernel types,
+    /// so the program reads fields with plain loads instead of helper calls (cheapest).
+    BtfTracepoint(&'static str),
     /// A raw tracepoint: the `TP_PROTO` arguments, no record formatted (cheapest).
     RawTracepoint(&'static str),
     /// A classic tracepoint: category and name.
@@ -39,6 +44,7 @@ impl Hook {
     /// The `--probe.mode` family this hook belongs to.
     pub fn mode(&self) -> ProbeMode {
         match self {
+            Self::BtfTracepoint(_) => ProbeMode::BtfTracepoint,
             Self::RawTracepoint(_) => ProbeMode::RawTracepoint,
             Self::Tracepoint(..) => ProbeMode::Tracepoint,
             Self::CgroupSkbIngress => ProbeMode::Auto,
@@ -49,6 +55,7 @@ impl Hook {
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::BtfTracepoint(n) => write!(f, "BTF tracepoint {n}"),
             Self::RawTracepoint(n) => write!(f, "raw tracepoint {n}"),
             Self::Tracepoint(c, n) => write!(f, "tracepoint {c}:{n}"),
             Self::CgroupSkbIngress => write!(f, "cgroup_skb ingress at the cgroup v2 root"),
@@ -62,6 +69,9 @@ pub enum ProbeMode {
     /// The cheapest hook the kernel offers, falling back to the next.
     #[default]
     Auto,
+    /// BTF tracepoints only (where a probe has that path).
+    #[value(name = "btf_tracepoint")]
+    BtfTracepoint,
     /// Raw tracepoints only (where a probe has that path).
     #[value(name = "raw_tracepoint")]
     RawTracepoint,
@@ -74,6 +84,7 @@ impl ProbeMode {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Auto => "cgroup_skb",
+            Self::BtfTracepoint => "btf_tracepoint",
             Self::RawTracepoint => "raw_tracepoint",
             Self::Tracepoint => "tracepoint",
         }
@@ -142,6 +153,14 @@ pub const PROBES: &[ProbeSpec] = &[
         needs: "tracepoint tcp:tcp_send_reset (Linux 4.15; `reason` and resets without a socket since 6.10)",
         paths: &[
             ProbePath {
+                program: "rst_send_btf",
+                hook: Hook::BtfTracepoint("tcp_send_reset"),
+                resolve: |r, l| {
+                    layout::raw_offsets(r.btf()?, l).map_err(e)?;
+                    layout::raw_send_reset(&r.raw_args("tcp_send_reset")?, l).map_err(e)
+                },
+            },
+            ProbePath {
                 program: "rst_send_raw",
                 hook: Hook::RawTracepoint("tcp_send_reset"),
                 resolve: |r, l| {
@@ -161,6 +180,14 @@ pub const PROBES: &[ProbeSpec] = &[
         collectors: &["resets"],
         needs: "tracepoint tcp:tcp_receive_reset (Linux 4.15)",
         paths: &[
+            ProbePath {
+                program: "rst_recv_btf",
+                hook: Hook::BtfTracepoint("tcp_receive_reset"),
+                resolve: |r, _| {
+                    layout::raw_sock_first("tcp_receive_reset", &r.raw_args("tcp_receive_reset")?)
+                        .map_err(e)
+                },
+            },
             ProbePath {
                 program: "rst_recv_raw",
                 hook: Hook::RawTracepoint("tcp_receive_reset"),
@@ -337,6 +364,9 @@ impl KernelSupport {
             .iter()
             .map(|spec| {
                 let off = spec.collectors.iter().all(|c| disabled.contains(c));
+                // A forced mode binds the probes that have a path of that kind; the others
+                // keep their own choice.
+                let forced = spec.paths.iter().any(|p| p.hook.mode() == mode);
                 let paths = spec
                     .paths
                     .iter()
@@ -346,7 +376,7 @@ impl KernelSupport {
                                 "collector {} is disabled",
                                 spec.collectors.join(", ")
                             ))
-                        } else if !mode.allows(path.hook) {
+                        } else if forced && !mode.allows(path.hook) {
                             Err(format!("--probe.mode={} excludes it", mode.label()))
                         } else {
                             structs
@@ -490,6 +520,12 @@ fn attach(
         .program_mut(path.program)
         .ok_or_else(|| format!("program {} missing from the object", path.program))?;
     match path.hook {
+        Hook::BtfTracepoint(name) => {
+            let btf = aya::Btf::from_sys_fs()?;
+            let program: &mut BtfTracePoint = program.try_into()?;
+            program.load(name, &btf)?;
+            program.attach()?;
+        }
         Hook::RawTracepoint(name) => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
