@@ -95,6 +95,9 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
 }
 
 async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
+    // Before anything can answer /healthz: a SIGTERM from then on must stop the agent
+    // cleanly, not kill it with the default action.
+    let stop_signals = StopSignals::new()?;
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
     let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
@@ -205,7 +208,7 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
     tracing::info!(%address, "serving metrics on http://{address}/metrics");
 
-    wait_for_signal().await?;
+    stop_signals.wait().await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -266,14 +269,26 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment this is made.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 /// A scrape holds one file descriptor per network namespace; a host with more than ~1,000
