@@ -12,18 +12,20 @@
 //! - `listen_synack` (`tcp:tcp_retransmit_synack`): SYN-ACK retransmits per listener.
 
 use agent_common::{
-    HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey, TCP_LISTEN, listen_kind, map_error,
+    FIELD_ABSENT, HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey, TCP_LISTEN, listen_kind,
+    map_error,
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_probe_read_kernel, bpf_sk_fullsock},
-    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
+    helpers::{bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
 };
 
 use crate::kernel::{
-    LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, record, sk_netns,
+    AF_INET6, LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, load,
+    record, sk_netns,
 };
 
 /// Per-listener counters, keyed by listener and [`listen_kind`].
@@ -47,10 +49,17 @@ fn count<C: aya_ebpf::EbpfContext>(ctx: &C, mut key: ListenerKey, kind: u8) {
 }
 
 /// What `inet_sock_set_state` tells: mark new listeners, count completed handshakes.
-fn set_state<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32, port: u16) {
+fn set_state<C: EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    netns: u32,
+    oldstate: i32,
+    newstate: i32,
+    port: u16,
+) {
     if newstate as u32 == TCP_LISTEN {
         let key = ListenPortKey {
-            netns: sk_netns(sk),
+            netns,
             port,
             pad: 0,
         };
@@ -58,8 +67,40 @@ fn set_state<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32, por
             let _ = count_map_error(map_error::LISTEN_PORTS);
         }
     } else if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
-        handshake(ctx, sk, port);
+        handshake(ctx, sk, netns, port);
     }
+}
+
+/// Whether a transition matters here: most do not, and are left before the socket is read.
+#[inline(always)]
+fn wanted(oldstate: i32, newstate: i32) -> bool {
+    newstate as u32 == TCP_LISTEN || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
+}
+
+/// BTF `inet_sock_set_state(sk, oldstate, newstate)`: as [`lsn_track_raw`], reading the
+/// socket with plain loads.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn lsn_track_btf(ctx: BtfTracePointContext) -> i32 {
+    let oldstate = ctx.arg::<u64>(1) as i32;
+    let newstate = ctx.arg::<u64>(2) as i32;
+    if !wanted(oldstate, newstate) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    // The tracepoint also fires for SCTP and MPTCP sockets.
+    if layout(|l| &l.sk_protocol) != FIELD_ABSENT
+        && u32::from(load::<u16>(sk, layout(|l| &l.sk_protocol))) != u32::from(IPPROTO_TCP)
+    {
+        return 0;
+    }
+    let port: u16 = load(sk, layout(|l| &l.sk_num));
+    let net: *const u8 = load(sk, layout(|l| &l.sk_net));
+    let netns: u32 = load(net, layout(|l| &l.net_inum));
+    set_state(&ctx, sk as u64, netns, oldstate, newstate, port);
+    0
 }
 
 /// Raw `inet_sock_set_state(sk, oldstate, newstate)`.
@@ -67,10 +108,7 @@ fn set_state<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32, por
 pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
     let oldstate = ctx.arg::<u64>(1) as i32;
     let newstate = ctx.arg::<u64>(2) as i32;
-    // Most transitions matter to nobody here: decide before reading the socket.
-    let wanted =
-        newstate as u32 == TCP_LISTEN || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED);
-    if !wanted {
+    if !wanted(oldstate, newstate) {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
@@ -81,7 +119,7 @@ pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let port: u16 = kread(sk, layout(|l| &l.sk_num)).unwrap_or(0);
-    set_state(&ctx, sk, oldstate, newstate, port);
+    set_state(&ctx, sk, sk_netns(sk), oldstate, newstate, port);
     0
 }
 
@@ -96,13 +134,15 @@ pub fn lsn_track_tp(ctx: TracePointContext) -> u32 {
     let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
     let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
     let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
-    set_state(&ctx, sk, oldstate, newstate, port);
+    if !wanted(oldstate, newstate) {
+        return 0;
+    }
+    set_state(&ctx, sk, sk_netns(sk), oldstate, newstate, port);
     0
 }
 
 /// A passive child became ESTABLISHED: it was just added to its listener's accept queue.
-fn handshake<C: EbpfContext>(ctx: &C, child: u64, port: u16) {
-    let netns = sk_netns(child);
+fn handshake<C: EbpfContext>(ctx: &C, child: u64, netns: u32, port: u16) {
     let stash = HANDSHAKE_STASH.get_ptr_mut(0);
     if let Some(stash) = stash {
         // SAFETY: this CPU's slot; the cgroup program filled it earlier in this softirq.
@@ -199,8 +239,15 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
         _ => return None,
     };
     let flags: u8 = ctx.load(flags_at).ok()?;
-    let listener = address_of(full as u64)?;
-    let key = listener_key(listener)?;
+    // As a `tcp_sock` the verifier knows the listener's kernel type: its fields are read
+    // with plain loads, not a helper call each.
+    // SAFETY: helper call on a full socket the verifier knows.
+    let tp = unsafe { bpf_skc_to_tcp_sock(full.cast()) } as *const u8;
+    if tp.is_null() {
+        return None;
+    }
+    let listener = address_of(tp as u64)?;
+    let key = typed_listener_key(tp);
     if flags & TH_SYN == 0 {
         // An ACK for a request socket: remember the listener for the handshake counter.
         if let Some(stash) = HANDSHAKE_STASH.get_ptr_mut(0) {
@@ -212,16 +259,37 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
     if flags & TH_ACK != 0 {
         return None;
     }
-    syn_decision(ctx, listener, key)
+    syn_decision(ctx, tp, key)
+}
+
+/// [`listener_key`] of a listener the verifier knows by type, with plain loads.
+#[inline(always)]
+fn typed_listener_key(tp: *const u8) -> ListenerKey {
+    let family: u16 = load(tp, layout(|l| &l.sk_family));
+    let mut addr = [0u8; 16];
+    if u32::from(family) == AF_INET6 {
+        addr = load(tp, layout(|l| &l.sk_v6_rcv_saddr));
+    } else {
+        let v4: [u8; 4] = load(tp, layout(|l| &l.sk_rcv_saddr));
+        addr[..4].copy_from_slice(&v4);
+    }
+    let net: *const u8 = load(tp, layout(|l| &l.sk_net));
+    ListenerKey {
+        netns: load(net, layout(|l| &l.net_inum)),
+        port: load(tp, layout(|l| &l.sk_num)),
+        family: family as u8,
+        kind: 0,
+        addr,
+    }
 }
 
 /// The tests of `tcp_conn_request()`, in its order, on the listener's state now.
-fn syn_decision(ctx: &SkBuffContext, listener: u64, key: ListenerKey) -> Option<()> {
-    let net: u64 = kread(listener, layout(|l| &l.sk_net))?;
-    let syncookies: u8 = kread(net, layout(|l| &l.net_syncookies))?;
-    let qlen: i32 = kread(listener, layout(|l| &l.icsk_qlen))?;
-    let backlog: u32 = kread(listener, layout(|l| &l.sk_ack_backlog))?;
-    let limit: u32 = kread(listener, layout(|l| &l.sk_max_ack_backlog))?;
+fn syn_decision(ctx: &SkBuffContext, tp: *const u8, key: ListenerKey) -> Option<()> {
+    let net: *const u8 = load(tp, layout(|l| &l.sk_net));
+    let syncookies: u8 = load(net, layout(|l| &l.net_syncookies));
+    let qlen: i32 = load(tp, layout(|l| &l.icsk_qlen));
+    let backlog: u32 = load(tp, layout(|l| &l.sk_ack_backlog));
+    let limit: u32 = load(tp, layout(|l| &l.sk_max_ack_backlog));
     let qlen = qlen.max(0) as u32;
     let synq_full = if layout(|l| &l.synq_full_at_limit) != 0 {
         qlen >= limit

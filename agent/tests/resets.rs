@@ -98,22 +98,21 @@ fn received(m: &Metrics, netns: &str, state: &str, port: &str) -> f64 {
 
 #[test]
 fn resets_match_the_kernel_and_the_scenario_btf_tracepoints() -> Result<()> {
-    // listen_track has no BTF path: it keeps its own choice.
-    resets_match_the_kernel_and_the_scenario("btf_tracepoint", "raw_tracepoint")
+    resets_match_the_kernel_and_the_scenario("btf_tracepoint")
 }
 
 #[test]
 fn resets_match_the_kernel_and_the_scenario_raw_tracepoints() -> Result<()> {
-    resets_match_the_kernel_and_the_scenario("raw_tracepoint", "raw_tracepoint")
+    resets_match_the_kernel_and_the_scenario("raw_tracepoint")
 }
 
 #[test]
 fn resets_match_the_kernel_and_the_scenario_classic_tracepoints() -> Result<()> {
-    resets_match_the_kernel_and_the_scenario("tracepoint", "tracepoint")
+    resets_match_the_kernel_and_the_scenario("tracepoint")
 }
 
 /// The same figures whichever path the probes take.
-fn resets_match_the_kernel_and_the_scenario(mode: &str, track_path: &str) -> Result<()> {
+fn resets_match_the_kernel_and_the_scenario(mode: &str) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -121,15 +120,11 @@ fn resets_match_the_kernel_and_the_scenario(mode: &str, track_path: &str) -> Res
     let mode_arg = format!("--probe.mode={mode}");
     let agent = AgentProcess::start(&ns, Path::new(AGENT), &[&mode_arg], agent_addr())?;
     let probes = agent.scrape()?;
-    for (probe, path) in [
-        ("rst_send", mode),
-        ("rst_recv", mode),
-        ("listen_track", track_path),
-    ] {
-        let info = probes.get("sockscope_probe_info", &[("probe", probe), ("path", path)]);
+    for probe in ["rst_send", "rst_recv", "listen_track"] {
+        let info = probes.get("sockscope_probe_info", &[("probe", probe), ("path", mode)]);
         ensure!(
             info == Some(1.0),
-            "{probe} must run on {path}: {}",
+            "{probe} must run on {mode}: {}",
             agent.log()
         );
     }

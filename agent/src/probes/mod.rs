@@ -131,6 +131,14 @@ pub const PROBES: &[ProbeSpec] = &[
         needs: "tracepoint sock:inet_sock_set_state (Linux 4.16)",
         paths: &[
             ProbePath {
+                program: "lsn_track_btf",
+                hook: Hook::BtfTracepoint("inet_sock_set_state"),
+                resolve: |r, l| {
+                    layout::raw_offsets(r.btf()?, l).map_err(e)?;
+                    layout::raw_set_state(&r.raw_args("inet_sock_set_state")?).map_err(e)
+                },
+            },
+            ProbePath {
                 program: "lsn_track_raw",
                 hook: Hook::RawTracepoint("inet_sock_set_state"),
                 resolve: |r, l| {
