@@ -358,7 +358,7 @@ fn kubernetes_manifests_match_the_schemas() -> Result<()> {
         .filter(|l| !l.trim().is_empty())
         .collect();
     ensure!(findings.is_empty(), "kubernetes-validate:\n{out}");
-    ensure!(out.contains("DaemonSet"), "{out}");
+    ensure!(out.contains("daemonset/sockscope"), "{out}");
     Ok(())
 }
 
