@@ -21,8 +21,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use testkit::{
-    ChildGuard, Netns, SynQueueParams, TempDir, VethLab, accept_overflow, connect_closed_port,
-    partial_tracefs, require_root, syn_queue_fill,
+    AgentProcess, ChildGuard, Netns, SynQueueParams, TempDir, VethLab, accept_overflow,
+    command_without_caps, connect_closed_port, listen_on, partial_tracefs, require_root,
+    syn_queue_fill,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -403,6 +404,84 @@ fn systemd_unit_verifies() -> Result<()> {
         .filter(|l| l.contains("sockscope.service"))
         .collect();
     ensure!(findings.is_empty(), "systemd-analyze verify:\n{out}");
+    Ok(())
+}
+
+/// The capabilities the deployment files grant: (systemd unit, DaemonSet), as `CAP_*` names.
+fn deployed_capabilities() -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let unit = fs::read_to_string(root().join("deploy/systemd/sockscope.service"))?;
+    let unit: BTreeSet<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .context("no CapabilityBoundingSet= in the unit")?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let ds = fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml"))?;
+    let ds: BTreeSet<String> = ds
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .context("no capabilities add: [...] in the DaemonSet")?
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| format!("CAP_{}", c.trim().trim_matches('"')))
+        .collect();
+    Ok((unit, ds))
+}
+
+#[test]
+fn deployed_capabilities_are_enough() -> Result<()> {
+    let (unit, ds) = deployed_capabilities()?;
+    ensure!(
+        unit == ds,
+        "the unit grants {unit:?} but the DaemonSet {ds:?}: keep them the same"
+    );
+    if !require_root() {
+        return Ok(());
+    }
+    let keep: Vec<u32> = unit
+        .iter()
+        .map(|name| {
+            name.parse::<caps::Capability>()
+                .map(|c| u32::from(c.index()))
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let last: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()?;
+    let drop: Vec<u32> = (0..=last).filter(|c| !keep.contains(c)).collect();
+    // The agent in one namespace, a listener in another: with only the deployed
+    // capabilities every probe attaches and the other namespace is read.
+    let ns = Netns::new()?;
+    let other = Netns::new()?;
+    let (_listener, addr) = other.run(|| listen_on(SocketAddr::from(([127, 0, 0, 1], 0)), 8))??;
+    // The agent finds a namespace through a process living in it.
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("60");
+    let _resident = other.spawn(sleeper)?;
+    let cmd = command_without_caps(Path::new(AGENT), &[], &drop);
+    let agent = AgentProcess::start_command(&ns, cmd, MAIN_AGENT.parse()?)?;
+    let m = agent.scrape()?;
+    let probes = m.series("sockscope_probe_up");
+    ensure!(!probes.is_empty(), "no sockscope_probe_up");
+    for p in probes {
+        ensure!(
+            p.value == 1.0,
+            "probe {:?} down with capabilities {unit:?}:\n{}",
+            p.label("probe"),
+            agent.log()
+        );
+    }
+    let other_inode = other.inode().to_string();
+    let port = addr.port().to_string();
+    ensure!(
+        m.sum(
+            "sockscope_listen_sockets",
+            &[("netns", other_inode.as_str()), ("port", port.as_str())]
+        ) == 1.0,
+        "the listener in another namespace is not seen with {unit:?}"
+    );
     Ok(())
 }
 
