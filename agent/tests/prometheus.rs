@@ -647,13 +647,13 @@ fn scenario_accept_overflow(lab: &VethLab) -> Result<Keep> {
     Ok(Box::new(kept))
 }
 
-/// 200 spoofed SYNs over 2 s to a backlog-8 listener with SYN cookies off: SYN-queue drops,
+/// 200 spoofed SYNs over 4 s to a backlog-8 listener with SYN cookies off: SYN-queue drops,
 /// SYN-ACK retransmits. Paced, so the drop counter rises across scrapes: rate() ignores the
 /// first value of a new series.
 fn scenario_syn_queue_drops(lab: &VethLab) -> Result<Keep> {
     let params = SynQueueParams {
         syncookies: 0,
-        rate: Some(100),
+        rate: Some(50),
         ..SynQueueParams::default()
     };
     let filled = syn_queue_fill(lab, &params)?;
