@@ -5,13 +5,13 @@ use std::{
     fs,
     net::{SocketAddr, TcpListener},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use testkit::{
-    AgentProcess, Netns, command_without_caps, connect_closed_port, require_root, wait_until,
+    AgentProcess, Netns, TempDir, command_without_caps, connect_closed_port, partial_tracefs,
+    require_root, wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -95,27 +95,11 @@ fn missing_capabilities_are_named() -> Result<()> {
 }
 
 /// A fake tracefs that lacks `tcp:tcp_receive_reset`, as an old or trimmed kernel would.
-fn tracefs_without_receive_reset() -> Result<tempdir::Dir> {
-    // On a fresh machine tracefs may not be mounted yet: the agent mounts it when it needs it.
-    if !Path::new("/sys/kernel/tracing/events").is_dir() {
-        let status = Command::new(AGENT)
-            .args(["check", "--probe.mode=tracepoint"])
-            .output()?;
-        anyhow::ensure!(
-            status.status.code().is_some(),
-            "sockscope check did not run"
-        );
-    }
-    let dir = tempdir::Dir::new("tracefs")?;
-    for tp in ["sock/inet_sock_set_state", "tcp/tcp_send_reset"] {
-        let src = Path::new("/sys/kernel/tracing/events")
-            .join(tp)
-            .join("format");
-        let dst = dir.path().join("events").join(tp);
-        fs::create_dir_all(&dst)?;
-        fs::copy(&src, dst.join("format")).with_context(|| src.display().to_string())?;
-    }
-    Ok(dir)
+fn tracefs_without_receive_reset() -> Result<TempDir> {
+    partial_tracefs(
+        Path::new(AGENT),
+        &["sock/inet_sock_set_state", "tcp/tcp_send_reset"],
+    )
 }
 
 #[test]
@@ -221,32 +205,4 @@ fn sigterm_exits_zero_and_detaches_everything() -> Result<()> {
     })
     .context("programs or links of the stopped agent are still in the kernel")?;
     Ok(())
-}
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    /// A temporary directory removed on drop.
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new(prefix: &str) -> std::io::Result<Self> {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path =
-                std::env::temp_dir().join(format!("sockscope-{prefix}-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&path)?;
-            Ok(Self(path))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

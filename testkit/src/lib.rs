@@ -30,6 +30,7 @@ mod rtnl;
 mod scenarios;
 mod sockets;
 mod synflood;
+mod tempdir;
 mod traffic;
 
 use std::time::{Duration, Instant};
@@ -50,6 +51,7 @@ pub use scenarios::{
 };
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
+pub use tempdir::{TempDir, partial_tracefs};
 pub use traffic::{connect_closed_port, tcp_pair};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.

@@ -184,7 +184,7 @@ fn bench(args: Vec<OsString>) -> Result<()> {
 }
 
 /// The workspace root: xtask lives one level below it.
-fn workspace_root() -> &'static Path {
+pub(crate) fn workspace_root() -> &'static Path {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest_dir.parent().unwrap_or(manifest_dir)
 }

@@ -17,6 +17,23 @@ const PACKAGES: &[Package] = &[
     ("libzstd-dev", "for bpf-linker's LLVM 22 link"),
     ("zlib1g-dev", "for bpf-linker's LLVM 22 link"),
     ("prometheus", "the tests check metrics with its promtool"),
+    (
+        "systemd",
+        "the tests check the systemd unit with systemd-analyze verify",
+    ),
+    (
+        "python3-venv",
+        "the tests check dashboards and Kubernetes manifests with Python packages",
+    ),
+];
+
+/// Where the Python checkers live, relative to the workspace root (the tests look there).
+const PYTHON_VENV: &str = "target/tools/python";
+/// The Python packages the tests use, pinned: the Grafana SDK's dashboard model and the
+/// Kubernetes JSON schemas.
+const PYTHON_PACKAGES: &[&str] = &[
+    "grafana-foundation-sdk==1769699998!10.1.0",
+    "kubernetes-validate==1.37.0",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -25,7 +42,36 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn ensure_all() -> Result<()> {
     ensure_packages().context("setup step: Debian packages")?;
     ensure_nightly().context("setup step: Rust nightly with rust-src")?;
-    ensure_bpf_linker().context("setup step: bpf-linker")
+    ensure_bpf_linker().context("setup step: bpf-linker")?;
+    ensure_python_tools().context("setup step: Python checkers")
+}
+
+/// A virtual environment with [`PYTHON_PACKAGES`], made with Debian's Python.
+fn ensure_python_tools() -> Result<()> {
+    let venv = crate::workspace_root().join(PYTHON_VENV);
+    let python = venv.join("bin/python3");
+    let ready = Command::new(&python)
+        .args(["-c", "import grafana_foundation_sdk, kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        return Ok(());
+    }
+    println!(
+        "xtask: installing {} into {} (the tests' dashboard and manifest checks)",
+        PYTHON_PACKAGES.join(" "),
+        venv.display()
+    );
+    run_checked(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    run_checked(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(PYTHON_PACKAGES),
+    )
 }
 
 fn ensure_packages() -> Result<()> {
