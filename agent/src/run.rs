@@ -3,7 +3,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{SocketAddr, TcpListener as StdListener},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -12,15 +15,17 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMa
 use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
-    cli::{ListenAddress, RunArgs},
+    cli::ListenAddress,
+    config::Loaded,
     kernel, listeners,
     metrics::{
         self, Metrics, Source,
+        budget::Limits,
         listen::{Listen, ListenEventSource, Scan, ScanConfig},
     },
     netns,
     probes::{KernelSupport, PROBES, Probes, listen::ListenMap, ports},
-    server,
+    reload, server,
 };
 
 /// A failure that ends the agent, with the exit code to end with.
@@ -46,8 +51,9 @@ pub enum RunError {
     Startup(anyhow::Error),
 }
 
-/// Runs the agent until a signal asks it to stop.
-pub fn run(args: RunArgs) -> Result<(), RunError> {
+/// Runs the agent until a signal asks it to stop; SIGHUP reloads `--config.file`.
+pub fn run(loaded: Loaded) -> Result<(), RunError> {
+    let args = &loaded.args;
     let missing = crate::caps::missing_required();
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
@@ -61,7 +67,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(args, listener))
+        .block_on(serve(loaded, listener))
         .map_err(RunError::Startup)
 }
 
@@ -94,10 +100,17 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
     Ok(listener)
 }
 
-async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
+async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
+    // Installed first: SIGHUP's default action would end the agent.
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let args = loaded.args.clone();
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
-    let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
+    // With a config file the watched ports may change on reload: keep the bitmap in use.
+    let watching = !args.watch_ports.is_empty() || args.config_file.is_some();
+    let limits = Arc::new(Limits::new(args.series_limit));
+    let mut watch_map = None;
+    let mut probes = match Probes::load(support, watching) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(
@@ -131,11 +144,12 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
                 sent,
                 received,
                 reasons,
-                args.series_limit,
+                Arc::clone(&limits),
             )));
         }
         let mut watch: Array<MapData, u64> = take(probes, "WATCH_PORTS")?;
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
+        watch_map = Some(watch);
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
         port_sync = Some(ports::Upkeep::new(listen, counters));
         if args.collectors.enabled("listen") {
@@ -173,14 +187,16 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(sources)?);
     record_probe_status(&metrics, probes.as_ref());
 
+    let refresh_seconds = Arc::new(AtomicU64::new(args.refresh_seconds));
     if let Some(mut listen) = port_sync {
         let discovery = Arc::new(netns::Discovery::new()?);
         // Seed before serving so the first events on existing listeners keep their port.
         sync_ports(&mut listen, &discovery);
-        let interval = Duration::from_secs(args.refresh_seconds);
+        let refresh_seconds = Arc::clone(&refresh_seconds);
         tokio::spawn(async move {
             let mut listen = listen;
             loop {
+                let interval = Duration::from_secs(refresh_seconds.load(Ordering::Relaxed));
                 tokio::time::sleep(interval).await;
                 let discovery = Arc::clone(&discovery);
                 listen = match tokio::task::spawn_blocking(move || {
@@ -205,7 +221,14 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
     tracing::info!(%address, "serving metrics on http://{address}/metrics");
 
-    wait_for_signal().await?;
+    let mut live = reload::Live::new(
+        loaded,
+        watch_map,
+        limits,
+        Arc::clone(&metrics),
+        refresh_seconds,
+    );
+    wait_for_signal(&mut hangup, &mut live).await?;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -266,14 +289,20 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
+/// Until SIGTERM or SIGINT; each SIGHUP reloads the configuration meanwhile.
+async fn wait_for_signal(
+    hangup: &mut tokio::signal::unix::Signal,
+    live: &mut reload::Live,
+) -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hangup.recv() => live.reload(),
+        }
     }
-    Ok(())
 }
 
 /// A scrape holds one file descriptor per network namespace; a host with more than ~1,000
