@@ -101,8 +101,13 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
 }
 
 async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
-    // Installed first: SIGHUP's default action would end the agent.
-    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    // Installed before anything answers: the default actions would end the agent without
+    // detaching (a SIGTERM right after the first scrape did), and SIGHUP would end it too.
+    let mut signals = Signals {
+        term: tokio::signal::unix::signal(SignalKind::terminate())?,
+        int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        hangup: tokio::signal::unix::signal(SignalKind::hangup())?,
+    };
     let args = loaded.args.clone();
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
@@ -228,7 +233,7 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         refresh_seconds,
     );
-    wait_for_signal(&mut hangup, &mut live).await?;
+    signals.wait(&mut live).await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -289,18 +294,22 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-/// Until SIGTERM or SIGINT; each SIGHUP reloads the configuration meanwhile.
-async fn wait_for_signal(
-    hangup: &mut tokio::signal::unix::Signal,
-    live: &mut reload::Live,
-) -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hangup.recv() => live.reload(),
+/// The signals the agent handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Until SIGTERM or SIGINT; each SIGHUP reloads the configuration meanwhile.
+    async fn wait(&mut self, live: &mut reload::Live) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hangup.recv() => live.reload(),
+            }
         }
     }
 }

@@ -115,3 +115,25 @@ pub fn command_without_caps(
     }
     cmd
 }
+
+/// BPF objects (programs, links) a process holds open, from its fdinfo:
+/// `("prog_id" | "link_id", id)`.
+pub fn held_bpf_ids(pid: u32) -> anyhow::Result<std::collections::HashSet<(String, u32)>> {
+    let mut ids = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            for kind in ["prog_id", "link_id"] {
+                if let Some(v) = line
+                    .strip_prefix(kind)
+                    .and_then(|r| r.trim_start_matches(':').trim().parse().ok())
+                {
+                    ids.insert((kind.to_string(), v));
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
