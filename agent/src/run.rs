@@ -63,6 +63,13 @@ pub fn run(loaded: Loaded) -> Result<(), RunError> {
     let listener = bind(args.listen_address)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The runtime's threads never load or attach anything: they start with only the
+        // capabilities kept after start-up (the main thread drops the rest once attached).
+        .on_thread_start(|| {
+            if let Err(e) = crate::caps::drop_to_kept() {
+                tracing::warn!("dropping capabilities on a runtime thread: {e}");
+            }
+        })
         .enable_all()
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
@@ -218,6 +225,22 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
                 };
             }
         });
+    }
+
+    // Everything is loaded and attached: keep only what scrapes and reloads still use.
+    match crate::caps::drop_to_kept() {
+        Ok(kept) => {
+            let kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "capabilities after start-up: {} (the others are dropped)",
+                if kept.is_empty() {
+                    "none".to_string()
+                } else {
+                    kept.join(", ")
+                }
+            );
+        }
+        Err(e) => tracing::warn!("dropping capabilities after start-up: {e}"),
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
