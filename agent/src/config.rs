@@ -188,7 +188,8 @@ fn to_args(key: &str, shape: Shape, value: &toml::Value) -> Result<Vec<OsString>
         }
         Shape::Single => {
             let v = scalar(value).ok_or_else(|| bad("a string or an integer"))?;
-            vec![format!("--{key}"), v]
+            // One argument: a value that starts with `-` stays a value.
+            vec![format!("--{key}={v}")]
         }
         Shape::List => {
             let items = match value {
@@ -201,7 +202,7 @@ fn to_args(key: &str, shape: Shape, value: &toml::Value) -> Result<Vec<OsString>
             if items.is_empty() {
                 Vec::new()
             } else {
-                vec![format!("--{key}"), items.join(",")]
+                vec![format!("--{key}={}", items.join(","))]
             }
         }
     };
@@ -577,6 +578,48 @@ mod tests {
         assert_eq!(loaded.values["web.listen-address"], ":9844");
         assert_eq!(loaded.values["watch.ports"], "");
         assert_eq!(loaded.values["collector.listen"], "true");
+    }
+
+    /// What the fuzz target asserts, on inputs of every shape the grammar allows.
+    #[test]
+    fn accepted_files_always_merge() {
+        let inputs = [
+            "",
+            "[web]\n[web.x]\n",
+            "\"watch.ports\" = []",
+            "\"watch.ports\" = \"80,443\"",
+            "\"watch.ports\" = [\"80\", 443]",
+            "\"watch.ports\" = [[80]]",
+            "\"watch.ports\" = 80",
+            "collector = { resets = false, listen = true }",
+            "collector = 1",
+            "\"limit.series-per-metric\" = -1",
+            "\"limit.series-per-metric\" = 9223372036854775807",
+            "\"path.tracefs\" = \"\"",
+            "\"probe.mode\" = \"auto\"\n\"log.level\" = \"trace\"",
+            "\"web.listen-address\" = \":0\"",
+            "\"web.listen-address\" = \"--help\"",
+            "\"log.level\" = \"--version\"",
+            "a.b.c.d.e = 1",
+            "\"\" = 1",
+            "[[x]]",
+            "x = 1979-05-27T07:32:00Z",
+            "\u{0}",
+        ];
+        for text in inputs {
+            if let Ok(settings) = parse(text) {
+                merge(&settings, Vec::new()).unwrap_or_else(|e| panic!("{text}: {e}"));
+            }
+        }
+        assert_eq!(
+            parse("\"web.listen-address\" = \"--help\"")
+                .map(|s| merge(&s, Vec::new()).map(|l| l.values["web.listen-address"].clone())),
+            Err(ConfigError::Value {
+                key: "web.listen-address".into(),
+                message: "invalid value '--help' for '--web.listen-address <ADDR>': `--help` is not a listen address; use host:port (127.0.0.1:9844, [::1]:9844) or :port".into()
+            }),
+            "a value that looks like a flag is a value"
+        );
     }
 
     #[test]
