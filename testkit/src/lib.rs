@@ -21,6 +21,7 @@
 //! may run in parallel on many threads.
 
 mod agent;
+mod cgroup_bpf;
 mod counters;
 mod http;
 mod metrics;
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use agent::AgentProcess;
+pub use cgroup_bpf::{Cgroup, CgroupLink, CountingProgram, cgroup_ingress_programs};
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
