@@ -26,7 +26,7 @@ pub fn optional() -> Vec<(Capability, &'static str)> {
     [
         (
             Capability::CAP_NET_ADMIN,
-            "load the cgroup_skb program of the listen_ingress probe (SYN-queue drops of listeners) without CAP_SYS_ADMIN",
+            "load the cgroup_skb program of the listen_ingress probe (SYN-queue decisions; CAP_SYS_ADMIN allows it too)",
         ),
         (
             Capability::CAP_SYS_ADMIN,
