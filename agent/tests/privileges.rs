@@ -115,6 +115,31 @@ fn scenario(
     Ok(up)
 }
 
+/// The agent binary copied into a fresh directory under the temp dir, mode 0755; removed on
+/// drop.
+struct ReachableCopy(std::path::PathBuf);
+
+impl ReachableCopy {
+    fn new() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("sockscope-privileges-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let copy = Self(dir.join("sockscope"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::copy(AGENT, &copy.0)?;
+        std::fs::set_permissions(&copy.0, std::fs::Permissions::from_mode(0o755))?;
+        Ok(copy)
+    }
+}
+
+impl Drop for ReachableCopy {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 #[test]
 fn runs_with_exactly_the_listed_capabilities_and_keeps_two() -> Result<()> {
     if !require_root() {
@@ -134,9 +159,11 @@ fn runs_with_exactly_the_listed_capabilities_and_keeps_two() -> Result<()> {
         Some(&baseline),
         needed_mask,
     )?;
-    // An unprivileged user with them as ambient capabilities.
+    // An unprivileged user with them as ambient capabilities, from a copy of the binary it
+    // can reach (the build directory may be under a home only root may enter).
+    let copy = ReachableCopy::new()?;
     scenario(
-        command_with_caps(Path::new(AGENT), &[], NEEDED, Some(NOBODY)),
+        command_with_caps(&copy.0, &[], NEEDED, Some(NOBODY)),
         NOBODY,
         Some(&baseline),
         needed_mask,
