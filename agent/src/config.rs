@@ -250,6 +250,8 @@ pub struct Loaded {
     pub values: BTreeMap<String, String>,
     /// Where each key's value came from.
     pub origins: BTreeMap<String, Origin>,
+    /// Keys the file sets that the command line sets too (the command line wins).
+    pub shadowed: Vec<String>,
     /// The command line's own arguments (after `run`), kept for reloads.
     cli_args: Vec<OsString>,
 }
@@ -316,6 +318,17 @@ impl Loaded {
         self.args.config_file.as_deref()
     }
 
+    /// Says which keys of the file the command line overrides.
+    pub fn log_shadowed(&self) {
+        if let (Some(path), false) = (self.config_file(), self.shadowed.is_empty()) {
+            tracing::info!(
+                "{}: {} also given on the command line, which wins",
+                path.display(),
+                self.shadowed.join(", ")
+            );
+        }
+    }
+
     /// Reads the file again, with the same command line.
     pub fn reload(&self) -> Result<Self, LoadError> {
         Self::load(self.cli_args.clone())
@@ -339,8 +352,10 @@ pub fn merge(file: &FileSettings, cli_args: Vec<OsString>) -> Result<Loaded, Con
     let explicit = explicit_keys(&cli_args)?;
     let mut argv: Vec<OsString> = Vec::new();
     let mut origins = BTreeMap::new();
+    let mut shadowed = Vec::new();
     for (key, args) in &file.settings {
         if explicit.contains(key) {
+            shadowed.push(key.clone());
             continue;
         }
         argv.extend(args.iter().cloned());
@@ -380,6 +395,7 @@ pub fn merge(file: &FileSettings, cli_args: Vec<OsString>) -> Result<Loaded, Con
         args,
         values,
         origins,
+        shadowed,
         cli_args,
     })
 }
@@ -508,6 +524,10 @@ mod tests {
         assert_eq!(loaded.origins["watch.ports"], Origin::CommandLine);
         assert_eq!(loaded.origins["collector.resets"], Origin::CommandLine);
         assert_eq!(loaded.origins["limit.series-per-metric"], Origin::File);
+        assert_eq!(
+            loaded.shadowed,
+            vec!["collector.resets", "log.level", "watch.ports"]
+        );
         // And off on the command line over on in the file.
         let file = parse(r#""collector.listen" = true"#).expect("valid");
         let loaded = merge(&file, os(&["--no-collector.listen"])).expect("merges");

@@ -75,6 +75,7 @@ fn run_agent() -> ExitCode {
         }
     };
     init_logging(&loaded.args.log_level);
+    loaded.log_shadowed();
     match run::run(loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

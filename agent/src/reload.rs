@@ -82,6 +82,7 @@ impl Live {
                 return;
             }
         };
+        new.log_shadowed();
         let outcome = self.apply(&new);
         for (key, old, new) in &outcome.restart {
             tracing::warn!(
@@ -156,5 +157,67 @@ impl Live {
                 None => Ok(false),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{merge, parse};
+
+    fn loaded(text: &str) -> Loaded {
+        merge(&parse(text).expect("valid"), Vec::new()).expect("merges")
+    }
+
+    fn keys(items: &[(String, String, String)]) -> Vec<&str> {
+        items.iter().map(|(k, _, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn live_keys_apply_others_need_a_restart() {
+        let metrics = Arc::new(Metrics::new(Vec::new()).expect("registry"));
+        let limits = Arc::new(Limits::new(2000));
+        let refresh = Arc::new(AtomicU64::new(30));
+        let mut live = Live::new(
+            loaded(""),
+            None,
+            Arc::clone(&limits),
+            metrics,
+            Arc::clone(&refresh),
+        );
+        let outcome = live.apply(&loaded(
+            r#"
+            "limit.series-per-metric" = 7
+            "listeners.refresh-interval" = 5
+            "web.listen-address" = ":9999"
+            "collector.netstat" = false
+            "#,
+        ));
+        assert_eq!(
+            keys(&outcome.applied),
+            vec![
+                "collector.netstat",
+                "limit.series-per-metric",
+                "listeners.refresh-interval"
+            ]
+        );
+        assert_eq!(keys(&outcome.restart), vec!["web.listen-address"]);
+        assert_eq!(limits.series_per_metric(), 7);
+        assert_eq!(refresh.load(Ordering::Relaxed), 5);
+        // Switching on a collector that was not registered at start needs a restart; the
+        // address is still reported against the running value.
+        let outcome = live.apply(&loaded(
+            r#"
+            "limit.series-per-metric" = 7
+            "listeners.refresh-interval" = 5
+            "web.listen-address" = ":9999"
+            "#,
+        ));
+        assert_eq!(keys(&outcome.applied), Vec::<&str>::new());
+        assert_eq!(
+            keys(&outcome.restart),
+            vec!["collector.netstat", "web.listen-address"]
+        );
+        assert_eq!(outcome.restart[1].1, ":9844", "the running value");
     }
 }
