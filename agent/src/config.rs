@@ -270,6 +270,9 @@ pub enum Origin {
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The command line itself is invalid (the caller normally parsed it already).
+    #[error("command line: {0}")]
+    CommandLine(ConfigError),
     /// The file could not be read.
     #[error("config file {path}: {source}")]
     Read {
@@ -292,8 +295,11 @@ impl Loaded {
     /// The configuration from the command line's arguments (after `run`) and the file
     /// they name, if any.
     pub fn load(cli_args: Vec<OsString>) -> Result<Self, LoadError> {
-        let cli = explicit_args(&cli_args);
-        let (file, path) = match cli.config_file.clone() {
+        let cli = run_command()
+            .try_get_matches_from(&cli_args)
+            .and_then(|m| RunArgs::from_arg_matches(&m))
+            .map_err(|e| LoadError::CommandLine(value_error("command line", &e)))?;
+        let (file, path) = match cli.config_file {
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Read {
                     path: path.clone(),
@@ -333,18 +339,6 @@ impl Loaded {
     pub fn reload(&self) -> Result<Self, LoadError> {
         Self::load(self.cli_args.clone())
     }
-}
-
-/// The command line alone (already validated by the caller's parse).
-fn explicit_args(cli_args: &[OsString]) -> RunArgs {
-    run_command()
-        .try_get_matches_from(cli_args)
-        .ok()
-        .and_then(|m| RunArgs::from_arg_matches(&m).ok())
-        .unwrap_or_else(|| {
-            RunArgs::from_arg_matches(&run_command().get_matches_from(Vec::<OsString>::new()))
-                .expect("the defaults parse")
-        })
 }
 
 /// Merges the file's settings under the command line's arguments (after `run`). Pure.
