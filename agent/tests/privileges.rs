@@ -7,11 +7,13 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::Command,
+    time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use testkit::{
-    AgentProcess, Metrics, Netns, command_with_caps, connect_closed_port, require_root, thread_caps,
+    AgentProcess, Metrics, Netns, command_with_caps, connect_closed_port, kernel_bpf_ids,
+    require_root, thread_caps, wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -112,6 +114,15 @@ fn scenario(
         "{log}"
     );
     drop(listener);
+    // SIGTERM with only the kept capabilities: a clean exit, nothing left in the kernel.
+    let held = agent.held_bpf_ids()?;
+    let mut agent = agent;
+    let status = agent.terminate(Duration::from_secs(10))?;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(held.is_disjoint(&kernel_bpf_ids()))
+    })
+    .context("programs or links of the stopped agent are still in the kernel")?;
     Ok(up)
 }
 

@@ -1,7 +1,6 @@
 //! Start-up, bad input and shutdown: exit codes, messages, and nothing left attached.
 
 use std::{
-    collections::HashSet,
     fs,
     net::{SocketAddr, TcpListener},
     path::Path,
@@ -11,7 +10,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use testkit::{
-    AgentProcess, Netns, command_without_caps, connect_closed_port, require_root, wait_until,
+    AgentProcess, Netns, command_without_caps, connect_closed_port, kernel_bpf_ids, require_root,
+    wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -165,17 +165,6 @@ fn a_missing_tracepoint_downs_one_probe_and_the_rest_works() -> Result<()> {
         "the log says which probe and why: {log}"
     );
     Ok(())
-}
-
-/// The program and link ids that exist in the kernel now.
-fn kernel_bpf_ids() -> HashSet<(String, u32)> {
-    let progs = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| ("prog_id".to_string(), p.id()));
-    let links = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .map(|l| ("link_id".to_string(), l.id()));
-    progs.chain(links).collect()
 }
 
 #[test]

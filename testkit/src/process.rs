@@ -251,3 +251,15 @@ pub fn thread_caps(pid: u32) -> anyhow::Result<Vec<(u32, [u64; 5])>> {
     }
     Ok(threads)
 }
+
+/// The program and link ids that exist in the kernel now (`("prog_id" | "link_id", id)`),
+/// from the bpf(2) id iterators; needs CAP_SYS_ADMIN.
+pub fn kernel_bpf_ids() -> std::collections::HashSet<(String, u32)> {
+    let progs = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| ("prog_id".to_string(), p.id()));
+    let links = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| ("link_id".to_string(), l.id()));
+    progs.chain(links).collect()
+}
