@@ -50,6 +50,18 @@ pub fn check(args: &CheckArgs) -> bool {
             },
         });
     }
+    let kept: Vec<String> = caps::KEPT_AFTER_START
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    lines.push(Line {
+        ok: true,
+        feature: "capabilities after start-up".into(),
+        detail: format!(
+            "`run` keeps only {} once its programs are attached, and drops the rest",
+            kept.join(", ")
+        ),
+    });
     lines.push(match kernel::btf::KernelBtf::load() {
         Ok(_) => Line {
             ok: true,

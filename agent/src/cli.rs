@@ -51,6 +51,10 @@ pub enum Command {
 /// Options of `sockscope run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
+    /// TOML file holding any of these flags, keyed by flag name (`"watch.ports" = [80]`);
+    /// flags given here win over it. SIGHUP reads it again (see README, "Config file").
+    #[arg(long = "config.file", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
     /// Address to serve metrics on: `host:port`, `[v6]:port`, or `:port` for every address.
     #[arg(
         long = "web.listen-address",

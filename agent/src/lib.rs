@@ -10,12 +10,14 @@
 pub mod caps;
 pub mod check;
 pub mod cli;
+pub mod config;
 pub mod kernel;
 pub mod listeners;
 pub mod listeners_cmd;
 pub mod metrics;
 pub mod netns;
 pub mod probes;
+pub mod reload;
 pub mod run;
 pub mod server;
 
@@ -44,8 +46,9 @@ pub fn main() -> ExitCode {
             init_logging("error");
             listeners_cmd::main(&args)
         }
-        Some(cli::Command::Run(args)) => run_agent(args),
-        None => run_agent(cli.run),
+        // The flags were validated above; the run options are read again from the command
+        // line and merged with --config.file.
+        Some(cli::Command::Run(_)) | None => run_agent(),
     }
 }
 
@@ -62,9 +65,18 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run_agent(args: cli::RunArgs) -> ExitCode {
-    init_logging(&args.log_level);
-    match run::run(args) {
+fn run_agent() -> ExitCode {
+    let cli_args = config::run_cli_args(std::env::args_os().collect());
+    let loaded = match config::Loaded::load(cli_args) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&loaded.args.log_level);
+    loaded.log_shadowed();
+    match run::run(loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sockscope: {e}");

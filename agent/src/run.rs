@@ -3,7 +3,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{SocketAddr, TcpListener as StdListener},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -12,15 +15,17 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMa
 use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
-    cli::{ListenAddress, RunArgs},
+    cli::ListenAddress,
+    config::Loaded,
     kernel, listeners,
     metrics::{
         self, Metrics, Source,
+        budget::Limits,
         listen::{Listen, ListenEventSource, Scan, ScanConfig},
     },
     netns,
     probes::{KernelSupport, PROBES, Probes, listen::ListenMap, ports},
-    server,
+    reload, server,
 };
 
 /// A failure that ends the agent, with the exit code to end with.
@@ -46,8 +51,9 @@ pub enum RunError {
     Startup(anyhow::Error),
 }
 
-/// Runs the agent until a signal asks it to stop.
-pub fn run(args: RunArgs) -> Result<(), RunError> {
+/// Runs the agent until a signal asks it to stop; SIGHUP reloads `--config.file`.
+pub fn run(loaded: Loaded) -> Result<(), RunError> {
+    let args = &loaded.args;
     let missing = crate::caps::missing_required();
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
@@ -57,11 +63,18 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
     let listener = bind(args.listen_address)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The runtime's threads never load or attach anything: they start with only the
+        // capabilities kept after start-up (the main thread drops the rest once attached).
+        .on_thread_start(|| {
+            if let Err(e) = crate::caps::drop_to_kept() {
+                tracing::warn!("dropping capabilities on a runtime thread: {e}");
+            }
+        })
         .enable_all()
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(args, listener))
+        .block_on(serve(loaded, listener))
         .map_err(RunError::Startup)
 }
 
@@ -94,13 +107,22 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
     Ok(listener)
 }
 
-async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
-    // Before anything can answer /healthz: a SIGTERM from then on must stop the agent
-    // cleanly, not kill it with the default action.
-    let stop_signals = StopSignals::new()?;
+async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
+    // Installed before anything answers: the default actions would end the agent without
+    // detaching (a SIGTERM right after the first scrape did), and SIGHUP would end it too.
+    let mut signals = Signals {
+        term: tokio::signal::unix::signal(SignalKind::terminate())?,
+        int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        hangup: tokio::signal::unix::signal(SignalKind::hangup())?,
+    };
+    let args = loaded.args.clone();
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
-    let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
+    // With a config file the watched ports may change on reload: keep the bitmap in use.
+    let watching = !args.watch_ports.is_empty() || args.config_file.is_some();
+    let limits = Arc::new(Limits::new(args.series_limit));
+    let mut watch_map = None;
+    let mut probes = match Probes::load(support, watching) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(
@@ -134,11 +156,12 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
                 sent,
                 received,
                 reasons,
-                args.series_limit,
+                Arc::clone(&limits),
             )));
         }
         let mut watch: Array<MapData, u64> = take(probes, "WATCH_PORTS")?;
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
+        watch_map = Some(watch);
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
         port_sync = Some(ports::Upkeep::new(listen, counters));
         if args.collectors.enabled("listen") {
@@ -176,14 +199,16 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(sources)?);
     record_probe_status(&metrics, probes.as_ref());
 
+    let refresh_seconds = Arc::new(AtomicU64::new(args.refresh_seconds));
     if let Some(mut listen) = port_sync {
         let discovery = Arc::new(netns::Discovery::new()?);
         // Seed before serving so the first events on existing listeners keep their port.
         sync_ports(&mut listen, &discovery);
-        let interval = Duration::from_secs(args.refresh_seconds);
+        let refresh_seconds = Arc::clone(&refresh_seconds);
         tokio::spawn(async move {
             let mut listen = listen;
             loop {
+                let interval = Duration::from_secs(refresh_seconds.load(Ordering::Relaxed));
                 tokio::time::sleep(interval).await;
                 let discovery = Arc::clone(&discovery);
                 listen = match tokio::task::spawn_blocking(move || {
@@ -202,13 +227,36 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
         });
     }
 
+    // Everything is loaded and attached: keep only what scrapes and reloads still use.
+    match crate::caps::drop_to_kept() {
+        Ok(kept) => {
+            let kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "capabilities after start-up: {} (the others are dropped)",
+                if kept.is_empty() {
+                    "none".to_string()
+                } else {
+                    kept.join(", ")
+                }
+            );
+        }
+        Err(e) => tracing::warn!("dropping capabilities after start-up: {e}"),
+    }
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
     tracing::info!(%address, "serving metrics on http://{address}/metrics");
 
-    stop_signals.wait().await;
+    let mut live = reload::Live::new(
+        loaded,
+        watch_map,
+        limits,
+        Arc::clone(&metrics),
+        refresh_seconds,
+    );
+    signals.wait(&mut live).await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -269,24 +317,22 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-/// SIGTERM and SIGINT, caught from the moment this is made.
-struct StopSignals {
+/// The signals the agent handles.
+struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            term: tokio::signal::unix::signal(SignalKind::terminate())?,
-            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn wait(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {},
-            _ = self.int.recv() => {},
+impl Signals {
+    /// Until SIGTERM or SIGINT; each SIGHUP reloads the configuration meanwhile.
+    async fn wait(&mut self, live: &mut reload::Live) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hangup.recv() => live.reload(),
+            }
         }
     }
 }

@@ -1,8 +1,6 @@
 //! Start-up, bad input and shutdown: exit codes, messages, and nothing left attached.
 
 use std::{
-    collections::HashSet,
-    fs,
     net::{SocketAddr, TcpListener},
     path::Path,
     time::Duration,
@@ -10,8 +8,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use testkit::{
-    AgentProcess, Netns, TempDir, command_without_caps, connect_closed_port, partial_tracefs,
-    require_root, wait_until,
+    AgentProcess, Netns, TempDir, command_without_caps, connect_closed_port, kernel_bpf_ids,
+    partial_tracefs, require_root, wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -153,38 +151,6 @@ fn a_missing_tracepoint_downs_one_probe_and_the_rest_works() -> Result<()> {
     Ok(())
 }
 
-/// BPF objects (programs, links) a process holds, from its fdinfo.
-fn held_bpf_ids(pid: u32) -> Result<HashSet<(String, u32)>> {
-    let mut ids = HashSet::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(text) = fs::read_to_string(entry?.path()) else {
-            continue;
-        };
-        for line in text.lines() {
-            for kind in ["prog_id", "link_id"] {
-                if let Some(v) = line
-                    .strip_prefix(kind)
-                    .and_then(|r| r.trim_start_matches(':').trim().parse().ok())
-                {
-                    ids.insert((kind.to_string(), v));
-                }
-            }
-        }
-    }
-    Ok(ids)
-}
-
-/// The program and link ids that exist in the kernel now.
-fn kernel_bpf_ids() -> HashSet<(String, u32)> {
-    let progs = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| ("prog_id".to_string(), p.id()));
-    let links = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .map(|l| ("link_id".to_string(), l.id()));
-    progs.chain(links).collect()
-}
-
 #[test]
 fn sigterm_exits_zero_and_detaches_everything() -> Result<()> {
     if !require_root() {
@@ -192,7 +158,7 @@ fn sigterm_exits_zero_and_detaches_everything() -> Result<()> {
     }
     let ns = Netns::new()?;
     let mut agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
-    let held = held_bpf_ids(agent.pid())?;
+    let held = agent.held_bpf_ids()?;
     assert!(
         held.iter().filter(|(k, _)| k == "prog_id").count() >= 3,
         "the agent holds its programs: {held:?}"
@@ -204,5 +170,68 @@ fn sigterm_exits_zero_and_detaches_everything() -> Result<()> {
         Ok(held.is_disjoint(&kernel_bpf_ids()))
     })
     .context("programs or links of the stopped agent are still in the kernel")?;
+    Ok(())
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt as _;
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let before = kernel_bpf_ids();
+    let mut agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let held = agent.held_bpf_ids()?;
+    let count = |kind: &str| held.iter().filter(|(k, _)| k == kind).count();
+    assert!(
+        count("prog_id") >= 3 && count("link_id") >= 1,
+        "the agent holds its programs and links: {held:?}"
+    );
+    let running = kernel_bpf_ids();
+    assert!(held.is_subset(&running), "{held:?} not all in {running:?}");
+    assert!(held.is_disjoint(&before), "the agent's own, new ids");
+    let probes_up = |m: &testkit::Metrics| -> Vec<(String, f64)> {
+        m.series("sockscope_probe_up")
+            .iter()
+            .map(|s| (s.label("probe").unwrap_or_default().to_string(), s.value))
+            .collect()
+    };
+    let up_first = probes_up(&agent.scrape()?);
+    assert!(up_first.iter().any(|(_, v)| *v == 1.0), "{up_first:?}");
+
+    let status = agent.kill()?;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    // The kernel frees programs and links when the last descriptor goes: at exit.
+    wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(held.is_disjoint(&kernel_bpf_ids()))
+    })
+    .with_context(|| {
+        let left: Vec<_> = held.intersection(&kernel_bpf_ids()).cloned().collect();
+        format!("still in the kernel after SIGKILL: {left:?}")
+    })?;
+    drop(agent);
+
+    // A restart on the same address binds and attaches at once, and counts.
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let m = agent.scrape()?;
+    assert_eq!(probes_up(&m), up_first, "the same probes are up again");
+    let netns = ns.inode().to_string();
+    let refused = ns.run(|| connect_closed_port(SocketAddr::from(([127, 0, 0, 1], 1)), 2))??;
+    assert_eq!(refused, 2);
+    let m = agent.scrape()?;
+    assert_eq!(
+        m.sum(
+            "sockscope_tcp_resets_sent_total",
+            &[
+                ("netns", &netns),
+                ("reason", "no_socket"),
+                ("port", "other")
+            ]
+        ),
+        2.0,
+        "{}",
+        agent.log()
+    );
     Ok(())
 }

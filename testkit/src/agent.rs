@@ -1,5 +1,6 @@
 //! The agent binary running in a test's namespace.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::http::http_get_timeout;
-use crate::{ChildGuard, Metrics, Netns, http_get};
+use crate::{ChildGuard, Metrics, Netns, http_get, process::held_bpf_ids};
 
 /// How long [`AgentProcess::start`] waits for `/healthz` to answer 200.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -163,6 +164,22 @@ impl AgentProcess {
             bail!("/metrics answered {status}: {}", body.trim());
         }
         Metrics::parse(&body).context("parse /metrics")
+    }
+
+    /// Sends `signal` (SIGHUP, say) to the agent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("kill -{signal} {pid}"))
+    }
+
+    /// Ends the agent with SIGKILL, as the OOM killer would, and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.child.kill()
+    }
+
+    /// The BPF programs and links the agent holds (`("prog_id" | "link_id", id)`).
+    pub fn held_bpf_ids(&self) -> Result<HashSet<(String, u32)>> {
+        held_bpf_ids(self.pid())
     }
 
     /// Stops the agent with SIGTERM (SIGKILL after `timeout`) and returns its exit status.

@@ -21,6 +21,7 @@
 //! may run in parallel on many threads.
 
 mod agent;
+mod cgroup_bpf;
 mod counters;
 mod http;
 mod metrics;
@@ -38,11 +39,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use agent::AgentProcess;
+pub use cgroup_bpf::{Cgroup, CgroupLink, CountingProgram, cgroup_ingress_programs};
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NetnsGuard};
-pub use process::{ChildGuard, command_without_caps};
+pub use process::{
+    ChildGuard, command_with_caps, command_without_caps, held_bpf_ids, kernel_bpf_ids, thread_caps,
+};
 pub use rtnl::{LinkStatus, RouteVia, VethPair};
 pub use scenarios::{
     AcceptOverflow, AckStageOverflow, AckStageParams, ClientStates, LAB_CLIENT_V4, LAB_CLIENT_V6,

@@ -3,7 +3,38 @@
 //! one noisy container cannot use up the labels of the others. A label set is decided the first time it is seen and never again, so
 //! a counter never moves from one series to another and never decreases.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+/// The configurable limits of every budget (`--limit.*`), shared with the collectors and
+/// changed in place when the configuration is reloaded. A new limit applies to label sets
+/// not seen yet; a decision already taken stands.
+#[derive(Debug)]
+pub struct Limits {
+    series_per_metric: AtomicUsize,
+}
+
+impl Limits {
+    /// `--limit.series-per-metric`.
+    pub fn new(series_per_metric: usize) -> Self {
+        Self {
+            series_per_metric: AtomicUsize::new(series_per_metric),
+        }
+    }
+
+    /// Series with their own port label per metric and network namespace.
+    pub fn series_per_metric(&self) -> usize {
+        self.series_per_metric.load(Ordering::Relaxed)
+    }
+
+    /// Changes `--limit.series-per-metric`.
+    pub fn set_series_per_metric(&self, limit: usize) {
+        self.series_per_metric.store(limit, Ordering::Relaxed);
+    }
+}
 
 /// Decisions for one metric.
 #[derive(Debug)]

@@ -8,7 +8,14 @@ pub mod listen;
 pub mod netstat;
 pub mod resets;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use prometheus::{
     CounterVec, GaugeVec, Opts, Registry,
@@ -108,6 +115,8 @@ struct Timed {
     source: Box<dyn Source>,
     descs: Vec<Desc>,
     self_metrics: Arc<SelfMetrics>,
+    /// Off: switched off by a reload; the source keeps its state and emits nothing.
+    on: Arc<AtomicBool>,
 }
 
 impl Collector for Timed {
@@ -116,6 +125,9 @@ impl Collector for Timed {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        if !self.on.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let start = Instant::now();
         let name = self.source.name();
         let result = self.source.collect(&self.self_metrics);
@@ -139,6 +151,8 @@ pub struct Metrics {
     registry: Registry,
     /// The agent's own metrics, shared with the collectors.
     pub self_metrics: Arc<SelfMetrics>,
+    /// Per source, whether it is served.
+    switches: HashMap<&'static str, Arc<AtomicBool>>,
 }
 
 impl Metrics {
@@ -146,7 +160,10 @@ impl Metrics {
     pub fn new(sources: Vec<Box<dyn Source>>) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let self_metrics = Arc::new(SelfMetrics::new(&registry)?);
+        let mut switches = HashMap::new();
         for source in sources {
+            let on = Arc::new(AtomicBool::new(true));
+            switches.insert(source.name(), Arc::clone(&on));
             // Every collector's error counter exists from the start, at 0.
             self_metrics.errors.with_label_values(&[source.name()]);
             let descs = source
@@ -158,12 +175,26 @@ impl Metrics {
                 source,
                 descs,
                 self_metrics: Arc::clone(&self_metrics),
+                on,
             }))?;
         }
         Ok(Self {
             registry,
             self_metrics,
+            switches,
         })
+    }
+
+    /// Serves the source `name` or stops serving it (its state is kept: counters go on
+    /// from where they were). False when no such source was registered at start.
+    pub fn set_enabled(&self, name: &str, on: bool) -> bool {
+        match self.switches.get(name) {
+            Some(switch) => {
+                switch.store(on, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The page in the Prometheus text format.

@@ -1,7 +1,10 @@
 //! `sockscope_tcp_resets_sent_total` and `sockscope_tcp_resets_received_total`, read from the
 //! `RESETS_SENT` / `RESETS_RECV` maps of the reset probes.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use agent_common::{PORT_OTHER, ResetKey};
 use aya::maps::{MapData, PerCpuHashMap};
@@ -9,7 +12,7 @@ use prometheus::proto::MetricFamily;
 
 use super::{
     SelfMetrics, Source,
-    budget::Budget,
+    budget::{Budget, Limits},
     family::{FamilySpec, Kind},
     labels,
 };
@@ -37,22 +40,25 @@ pub struct Resets {
     received: ResetMap,
     reasons: HashMap<u8, String>,
     budgets: Mutex<(Budget<ResetKey>, Budget<ResetKey>)>,
+    limits: Arc<Limits>,
 }
 
 impl Resets {
-    /// A collector over the two maps; `series_limit` is the budget of series with their own
-    /// port label, per metric and network namespace.
+    /// A collector over the two maps; `limits.series_per_metric()` is the budget of series
+    /// with their own port label, per metric and network namespace, read at every scrape.
     pub fn new(
         sent: ResetMap,
         received: ResetMap,
         reasons: HashMap<u8, String>,
-        series_limit: usize,
+        limits: Arc<Limits>,
     ) -> Self {
+        let limit = limits.series_per_metric();
         Self {
             sent,
             received,
             reasons,
-            budgets: Mutex::new((Budget::new(series_limit), Budget::new(series_limit))),
+            budgets: Mutex::new((Budget::new(limit), Budget::new(limit))),
+            limits,
         }
     }
 }
@@ -108,6 +114,9 @@ impl Source for Resets {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("budget lock poisoned"))?;
             let (sent_budget, received_budget) = &mut *budgets;
+            let limit = self.limits.series_per_metric();
+            sent_budget.set_limit(limit);
+            received_budget.set_limit(limit);
             (
                 read(&self.sent, sent_budget, SENT.name, self_metrics)?,
                 read(&self.received, received_budget, RECEIVED.name, self_metrics)?,
