@@ -22,8 +22,12 @@ use aya_ebpf::{
     programs::{RawTracePointContext, SkBuffContext, TracePointContext},
 };
 
-use crate::kernel::{
-    LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, record, sk_netns,
+use crate::{
+    kernel::{
+        LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, record,
+        sk_netns,
+    },
+    timewait,
 };
 
 /// Per-listener counters, keyed by listener and [`listen_kind`].
@@ -68,8 +72,10 @@ pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
     let oldstate = ctx.arg::<u64>(1) as i32;
     let newstate = ctx.arg::<u64>(2) as i32;
     // Most transitions matter to nobody here: decide before reading the socket.
-    let wanted =
-        newstate as u32 == TCP_LISTEN || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED);
+    let tw = timewait::may_enter(oldstate, newstate);
+    let wanted = tw
+        || newstate as u32 == TCP_LISTEN
+        || (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED);
     if !wanted {
         return 0;
     }
@@ -78,6 +84,10 @@ pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
     if let Some(protocol) = kread::<u16>(sk, layout(|l| &l.sk_protocol))
         && protocol != IPPROTO_TCP
     {
+        return 0;
+    }
+    if tw {
+        let _ = timewait::closed(&ctx, sk);
         return 0;
     }
     let port: u16 = kread(sk, layout(|l| &l.sk_num)).unwrap_or(0);
@@ -95,6 +105,10 @@ pub fn lsn_track_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.state_skaddr)).unwrap_or(0);
     let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
     let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
+    if timewait::may_enter(oldstate, newstate) {
+        let _ = timewait::closed(&ctx, sk);
+        return 0;
+    }
     let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
     set_state(&ctx, sk, oldstate, newstate, port);
     0

@@ -18,6 +18,8 @@ pub mod netns;
 pub mod probes;
 pub mod run;
 pub mod server;
+pub mod timewait;
+pub mod timewait_cmd;
 
 use std::process::ExitCode;
 
@@ -43,6 +45,10 @@ pub fn main() -> ExitCode {
             // would only repeat it on stderr.
             init_logging("error");
             listeners_cmd::main(&args)
+        }
+        Some(cli::Command::Timewait(args)) => {
+            init_logging("error");
+            timewait_cmd::main(&args)
         }
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),

@@ -40,7 +40,7 @@ pub use agent::AgentProcess;
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
-pub use netns::{Netns, NetnsGuard};
+pub use netns::{NamedNetns, Netns, NetnsGuard};
 pub use process::{ChildGuard, command_without_caps};
 pub use rtnl::{LinkStatus, RouteVia, VethPair};
 pub use scenarios::{
@@ -50,7 +50,7 @@ pub use scenarios::{
 };
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
-pub use traffic::{connect_closed_port, tcp_pair};
+pub use traffic::{FirstCloser, closed_connections, connect_closed_port, tcp_pair};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.
 pub fn wait_until(
