@@ -35,21 +35,21 @@ fn agent_addr() -> SocketAddr {
 struct Work {
     ns: Netns,
     _name: NamedNetns,
+    name: String,
     label: String,
 }
 
 impl Work {
     fn new(tag: &str) -> Result<Self> {
         let ns = Netns::new()?;
-        let name = NamedNetns::new(
-            &ns,
-            &format!("sockscope-tw-{tag}-{}-{}", std::process::id(), ns.inode()),
-        )?;
+        let name = format!("sockscope-tw-{tag}-{}-{}", std::process::id(), ns.inode());
+        let named = NamedNetns::new(&ns, &name)?;
         ns.sysctl("net.ipv4.tcp_tw_reuse", "0")?;
         let label = ns.inode().to_string();
         Ok(Self {
             ns,
-            _name: name,
+            _name: named,
+            name,
             label,
         })
     }
@@ -68,6 +68,30 @@ impl Work {
 
     fn time_wait_count(&self) -> Result<u64> {
         Ok(self.time_wait_by_peer()?.values().sum())
+    }
+
+    /// `ss -tan state time-wait` in the namespace, where `ss` exists (a host-only oracle:
+    /// minimal guests have none).
+    fn ss_time_wait_count(&self) -> Result<Option<u64>> {
+        let output = match std::process::Command::new("ss")
+            .args(["-N", &self.name, "-H", "-tan", "state", "time-wait"])
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        ensure!(
+            output.status.success(),
+            "ss: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(Some(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64,
+        ))
     }
 
     fn sockstat_tw(&self) -> Result<u64> {
@@ -182,6 +206,9 @@ fn client_and_server_closes(mode: &str) -> Result<()> {
         ensure!(work.entered(p, "other") == 0.0);
     }
     ensure!(listed == (N + M) as u64, "the kernel lists {listed}");
+    if let Some(ss) = work.ss_time_wait_count()? {
+        ensure!(ss == listed, "ss lists {ss}, /proc/net/tcp {listed}");
+    }
     ensure!(
         tw_before == tw_after,
         "sockstat tw moved: {tw_before} → {tw_after}"
