@@ -475,7 +475,7 @@ fn a_reset_in_fin_wait2_is_no_entry() -> Result<()> {
         for _ in 0..N {
             let (mut client, server) = testkit::tcp_pair(&listener)?;
             client.shutdown(std::net::Shutdown::Write)?;
-            set_linger_zero(&server)?;
+            testkit::set_linger_zero(&server)?;
             drop(server);
             client.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = [0u8; 4];
@@ -516,55 +516,5 @@ fn a_reset_in_fin_wait2_is_no_entry() -> Result<()> {
     ensure!(work.gauge_sum(&page, None) == 0.0);
     ensure!(work.sockstat_tw()? == 0);
     ensure!(page.sum(ENTERED, &[("netns", &work.label)]) == 0.0);
-    Ok(())
-}
-
-fn set_linger_zero(stream: &std::net::TcpStream) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
-/// IPv6 connections: the timewait socket is matched by its IPv6 addresses too.
-#[test]
-fn ipv6_client_closes_enter_time_wait_exactly() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    const N: usize = 30;
-    let home = Netns::new()?;
-    let work = Work::new("v6")?;
-    let agent = start_agent(&home, &[])?;
-    let listener = work.listener("[::1]:0")?;
-    let server = listener.local_addr()?;
-    work.connections(&listener, N, FirstCloser::Client)?;
-    let page = scrape_until(&agent, |p| work.entered(p, "ephemeral") >= N as f64)?;
-    ensure!(work.entered(&page, "ephemeral") == N as f64);
-    ensure!(work.gauge(&page, "time_wait", "ephemeral") == N as f64);
-    ensure!(work.time_wait_count()? == N as u64);
-    ensure!(work.gauge_sum(&page, None) == work.sockstat_tw()? as f64);
-    let peer = page.get(
-        PEERS,
-        &[
-            ("netns", &work.label),
-            ("raddr", "::1"),
-            ("rport", &server.port().to_string()),
-        ],
-    );
-    ensure!(peer == Some(N as f64), "{peer:?}");
     Ok(())
 }

@@ -50,7 +50,9 @@ pub use scenarios::{
 };
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
-pub use traffic::{FirstCloser, closed_connections, connect_closed_port, tcp_pair};
+pub use traffic::{
+    FirstCloser, closed_connections, connect_closed_port, set_linger_zero, tcp_pair,
+};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.
 pub fn wait_until(

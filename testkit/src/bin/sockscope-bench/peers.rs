@@ -44,14 +44,8 @@ static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Runs the section and prints its tables; returns what was found broken.
 pub fn run(args: &Args) -> Result<Vec<String>> {
-    let mut installer = Installer {
-        allowed: !args.no_install,
-        updated: false,
-    };
-    let node_exporter = installer.find(
-        "prometheus-node-exporter",
-        &["prometheus-node-exporter", "node_exporter"],
-    );
+    let mut installer = Installer::new(args);
+    let node_exporter = installer.node_exporter();
     let bpftrace = installer.find("bpftrace", &["bpftrace"]);
     scrapes_side_by_side(args, &node_exporter)?;
     churn_side_by_side(args, &bpftrace)
@@ -408,12 +402,28 @@ impl Found {
 
 /// Finds peers' binaries, installing their Debian package when missing (if allowed).
 pub struct Installer {
-    pub allowed: bool,
-    pub updated: bool,
+    allowed: bool,
+    updated: bool,
 }
 
 impl Installer {
-    pub fn find(&mut self, package: &str, binaries: &[&str]) -> Found {
+    /// Installs only when `--no-install` is not given.
+    pub fn new(args: &Args) -> Self {
+        Self {
+            allowed: !args.no_install,
+            updated: false,
+        }
+    }
+
+    /// node_exporter, from Debian's prometheus-node-exporter.
+    pub fn node_exporter(&mut self) -> Found {
+        self.find(
+            "prometheus-node-exporter",
+            &["prometheus-node-exporter", "node_exporter"],
+        )
+    }
+
+    fn find(&mut self, package: &str, binaries: &[&str]) -> Found {
         if let Some(bin) = which(binaries) {
             return Found::At(bin);
         }

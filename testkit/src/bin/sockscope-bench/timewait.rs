@@ -31,14 +31,7 @@ const PER_LISTENER: u64 = 25_000;
 pub fn run(args: &Args) -> Result<Vec<String>> {
     let n = args.time_wait_sockets;
     let limit = Duration::from_secs(args.timeout);
-    let mut installer = Installer {
-        allowed: !args.no_install,
-        updated: false,
-    };
-    let node_exporter = installer.find(
-        "prometheus-node-exporter",
-        &["prometheus-node-exporter", "node_exporter"],
-    );
+    let node_exporter = Installer::new(args).node_exporter();
     let ns = Netns::new()?;
     ns.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
     ns.sysctl("net.ipv4.tcp_tw_reuse", "0")?;
