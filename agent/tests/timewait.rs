@@ -518,3 +518,33 @@ fn a_reset_in_fin_wait2_is_no_entry() -> Result<()> {
     ensure!(page.sum(ENTERED, &[("netns", &work.label)]) == 0.0);
     Ok(())
 }
+
+/// IPv6 connections: the timewait socket is matched by its IPv6 addresses too.
+#[test]
+fn ipv6_client_closes_enter_time_wait_exactly() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const N: usize = 30;
+    let home = Netns::new()?;
+    let work = Work::new("v6")?;
+    let agent = start_agent(&home, &[])?;
+    let listener = work.listener("[::1]:0")?;
+    let server = listener.local_addr()?;
+    work.connections(&listener, N, FirstCloser::Client)?;
+    let page = scrape_until(&agent, |p| work.entered(p, "ephemeral") >= N as f64)?;
+    ensure!(work.entered(&page, "ephemeral") == N as f64);
+    ensure!(work.gauge(&page, "time_wait", "ephemeral") == N as f64);
+    ensure!(work.time_wait_count()? == N as u64);
+    ensure!(work.gauge_sum(&page, None) == work.sockstat_tw()? as f64);
+    let peer = page.get(
+        PEERS,
+        &[
+            ("netns", &work.label),
+            ("raddr", "::1"),
+            ("rport", &server.port().to_string()),
+        ],
+    );
+    ensure!(peer == Some(N as f64), "{peer:?}");
+    Ok(())
+}
