@@ -256,8 +256,11 @@ pub struct KernelLayout {
     pub hashinfo_ehash: u32,
     /// `struct inet_hashinfo`: `ehash_mask`.
     pub hashinfo_ehash_mask: u32,
-    /// `struct net`: `ipv4.ip_local_ports.range` (low | high << 16).
+    /// `struct net`: `ipv4.ip_local_ports.range`: one u32, low | high << 16, or (kernels
+    /// whose `struct local_ports` still has a seqlock) two ints, low then high.
     pub net_port_range: u32,
+    /// 1 when `net_port_range` is the older pair of ints.
+    pub net_port_range_ints: u32,
 }
 
 impl KernelLayout {
@@ -308,6 +311,7 @@ impl KernelLayout {
         hashinfo_ehash: FIELD_ABSENT,
         hashinfo_ehash_mask: FIELD_ABSENT,
         net_port_range: FIELD_ABSENT,
+        net_port_range_ints: 0,
     };
 }
 
@@ -338,7 +342,7 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 45 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 46 * 4);
         assert_eq!(size_of::<TimeWaitKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);

@@ -95,8 +95,15 @@ pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
         pad: 0,
     };
     if key.port == 0 {
-        let range: u32 = kread(net, layout(|l| &l.net_port_range)).unwrap_or(0);
-        let (low, high) = (range & 0xffff, range >> 16);
+        let at = layout(|l| &l.net_port_range);
+        let (low, high) = if layout(|l| &l.net_port_range_ints) != 0 {
+            // Read without the seqlock: a range being rewritten now may be seen half-done.
+            let r: [i32; 2] = kread(net, at).unwrap_or([1, 0]);
+            (r[0] as u32, r[1] as u32)
+        } else {
+            let range: u32 = kread(net, at).unwrap_or(0);
+            (range & 0xffff, range >> 16)
+        };
         key.class = if u32::from(sport) >= low && u32::from(sport) <= high {
             tw_class::EPHEMERAL
         } else {

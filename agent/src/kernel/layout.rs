@@ -42,6 +42,8 @@ pub fn timewait_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<()
     layout.hashinfo_ehash = btf.offset_of("inet_hashinfo", &["ehash"])?;
     layout.hashinfo_ehash_mask = btf.offset_of("inet_hashinfo", &["ehash_mask"])?;
     layout.net_port_range = btf.offset_of("net", &["ipv4", "ip_local_ports", "range"])?;
+    // Older kernels keep `int range[2]` beside a seqlock; newer ones one packed u32.
+    layout.net_port_range_ints = u32::from(btf.offset_of("local_ports", &["lock"]).is_ok());
     Ok(())
 }
 
