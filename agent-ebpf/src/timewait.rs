@@ -31,9 +31,10 @@ const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: i32 = 7;
 const TCP_CLOSING: i32 = 11;
 
-/// Entries of the chain looked at: the timewait socket was put at its head just before,
-/// on this CPU; other CPUs could only have added sockets of the same bucket in between.
-const CHAIN_STEPS: usize = 4;
+/// Entries of the chain looked at. Older kernels put the timewait socket at the head of the
+/// chain; newer ones put it where the full socket was (`sk_nulls_replace_node_init_rcu`),
+/// and full sockets are added at the tail: the walk has to cover a whole ordinary chain.
+const CHAIN_STEPS: usize = 32;
 
 /// Whether a move `oldstate` → `newstate` may be the hand-over to a timewait socket.
 #[inline(always)]

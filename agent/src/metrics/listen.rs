@@ -328,7 +328,7 @@ const DROPS: FamilySpec = FamilySpec {
 };
 const NETNS_INFO: FamilySpec = FamilySpec {
     name: "sockscope_netns_info",
-    help: "A network namespace with a listener: its name (ip netns) and the lowest pid living in it; always 1.",
+    help: "A network namespace with a listener or timewait sockets: its name (ip netns) and the lowest pid living in it; always 1.",
     kind: Kind::Gauge,
     labels: &["netns", "name", "pid", "comm"],
 };
@@ -723,7 +723,10 @@ fn netns_info(snapshot: &Snapshot) -> Option<MetricFamily> {
     let mut rows: Vec<[String; 4]> = snapshot
         .namespaces
         .iter()
-        .filter(|ns| ns.listeners_read && !ns.listeners.series.is_empty())
+        .filter(|ns| {
+            (ns.listeners_read && !ns.listeners.series.is_empty())
+                || ns.timewait.as_ref().is_some_and(|t| t.total() > 0)
+        })
         .map(|ns| {
             [
                 ns.info.inode.to_string(),
