@@ -226,13 +226,16 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
         });
     }
 
+    // Registered before /healthz can answer: a SIGTERM sent right after readiness must stop
+    // the agent cleanly, not kill it by the default action (seen on a loaded machine).
+    let signals = StopSignals::register()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
     tracing::info!(%address, "serving metrics on http://{address}/metrics");
 
-    wait_for_signal().await?;
+    signals.recv().await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -293,14 +296,27 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment they are registered.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<Self> {
+        Ok(Self {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// Waits for either.
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 /// A scrape holds one file descriptor per network namespace; a host with more than ~1,000
