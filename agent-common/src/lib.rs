@@ -99,6 +99,30 @@ pub struct HandshakeStash {
     pub key: ListenerKey,
 }
 
+/// Key of `TIME_WAIT_ENTERED`: full sockets handed over to the kernel's timewait table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TimeWaitKey {
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// Local port when `class` is [`tw_class::PORT`], else 0.
+    pub port: u16,
+    /// One of [`tw_class`]: how the local port is labelled.
+    pub class: u8,
+    /// Always zero: keeps the key free of padding.
+    pub pad: u8,
+}
+
+/// The `port` label class of a [`TimeWaitKey`], decided when the socket is counted.
+pub mod tw_class {
+    /// A listener port of the namespace (or a watched port): labelled by its number.
+    pub const PORT: u8 = 0;
+    /// Inside the namespace's `ip_local_port_range`: `ephemeral`.
+    pub const EPHEMERAL: u8 = 1;
+    /// Anything else: `other`.
+    pub const OTHER: u8 = 2;
+}
+
 /// Number of u64 words in the watched-port bitmap (one bit per port).
 pub const WATCH_PORT_WORDS: u32 = 1024;
 
@@ -112,14 +136,17 @@ pub mod map_error {
     pub const LISTEN_PORTS: u32 = 2;
     /// `LISTEN_EVENTS` was full.
     pub const LISTEN_EVENTS: u32 = 3;
+    /// `TIME_WAIT_ENTERED` was full.
+    pub const TIME_WAIT_ENTERED: u32 = 4;
     /// Length of the array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Map names, by index, as they appear in the `map` label.
     pub const NAMES: [&str; COUNT as usize] = [
         "resets_sent",
         "resets_recv",
         "listen_ports",
         "listen_events",
+        "time_wait_entered",
     ];
 }
 
@@ -212,6 +239,28 @@ pub struct KernelLayout {
     /// Raw tracepoint `tcp_send_reset`: 2 when its third argument is the reason (6.10),
     /// else [`FIELD_ABSENT`].
     pub raw_send_reason: u32,
+
+    /// `struct sock_common`: `skc_hash` (the ehash value a timewait socket inherits).
+    pub sk_hash: u32,
+    /// `struct sock_common`: `skc_addrpair` (IPv4 remote and local address).
+    pub sk_addrpair: u32,
+    /// `struct sock_common`: `skc_dport` (network order).
+    pub sk_dport: u32,
+    /// `struct sock_common`: `skc_v6_daddr`, or [`FIELD_ABSENT`].
+    pub sk_v6_daddr: u32,
+    /// `struct sock_common`: `skc_nulls_node` (the ehash chain link).
+    pub sk_nulls_node: u32,
+    /// `struct net`: `ipv4.tcp_death_row.hashinfo` (the table timewait sockets enter).
+    pub net_tw_hashinfo: u32,
+    /// `struct inet_hashinfo`: `ehash`.
+    pub hashinfo_ehash: u32,
+    /// `struct inet_hashinfo`: `ehash_mask`.
+    pub hashinfo_ehash_mask: u32,
+    /// `struct net`: `ipv4.ip_local_ports.range`: one u32, low | high << 16, or (kernels
+    /// whose `struct local_ports` still has a seqlock) two ints, low then high.
+    pub net_port_range: u32,
+    /// 1 when `net_port_range` is the older pair of ints.
+    pub net_port_range_ints: u32,
 }
 
 impl KernelLayout {
@@ -253,6 +302,16 @@ impl KernelLayout {
         reason_listen_overflow: FIELD_ABSENT,
         synack_skaddr: FIELD_ABSENT,
         raw_send_reason: FIELD_ABSENT,
+        sk_hash: FIELD_ABSENT,
+        sk_addrpair: FIELD_ABSENT,
+        sk_dport: FIELD_ABSENT,
+        sk_v6_daddr: FIELD_ABSENT,
+        sk_nulls_node: FIELD_ABSENT,
+        net_tw_hashinfo: FIELD_ABSENT,
+        hashinfo_ehash: FIELD_ABSENT,
+        hashinfo_ehash_mask: FIELD_ABSENT,
+        net_port_range: FIELD_ABSENT,
+        net_port_range_ints: 0,
     };
 }
 
@@ -270,6 +329,8 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HandshakeStash {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TimeWaitKey {}
 }
 
 #[cfg(test)]
@@ -281,7 +342,8 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 36 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 46 * 4);
+        assert_eq!(size_of::<TimeWaitKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);
     }

@@ -23,9 +23,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
 };
 
-use crate::kernel::{
-    AF_INET6, LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, load,
-    record, sk_netns,
+use crate::{
+    kernel::{
+        AF_INET6, LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, load,
+        record, sk_netns,
+    },
+    timewait,
 };
 
 /// Per-listener counters, keyed by listener and [`listen_kind`].
@@ -83,7 +86,8 @@ fn wanted(oldstate: i32, newstate: i32) -> bool {
 pub fn lsn_track_btf(ctx: BtfTracePointContext) -> i32 {
     let oldstate = ctx.arg::<u64>(1) as i32;
     let newstate = ctx.arg::<u64>(2) as i32;
-    if !wanted(oldstate, newstate) {
+    let tw = timewait::may_enter(oldstate, newstate);
+    if !tw && !wanted(oldstate, newstate) {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
@@ -94,6 +98,10 @@ pub fn lsn_track_btf(ctx: BtfTracePointContext) -> i32 {
     if layout(|l| &l.sk_protocol) != FIELD_ABSENT
         && u32::from(load::<u16>(sk, layout(|l| &l.sk_protocol))) != u32::from(IPPROTO_TCP)
     {
+        return 0;
+    }
+    if tw {
+        let _ = timewait::closed(&ctx, sk as u64);
         return 0;
     }
     let port: u16 = load(sk, layout(|l| &l.sk_num));
@@ -108,7 +116,9 @@ pub fn lsn_track_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
     let oldstate = ctx.arg::<u64>(1) as i32;
     let newstate = ctx.arg::<u64>(2) as i32;
-    if !wanted(oldstate, newstate) {
+    // Most transitions matter to nobody here: decide before reading the socket.
+    let tw = timewait::may_enter(oldstate, newstate);
+    if !tw && !wanted(oldstate, newstate) {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
@@ -116,6 +126,10 @@ pub fn lsn_track_raw(ctx: RawTracePointContext) -> i32 {
     if let Some(protocol) = kread::<u16>(sk, layout(|l| &l.sk_protocol))
         && protocol != IPPROTO_TCP
     {
+        return 0;
+    }
+    if tw {
+        let _ = timewait::closed(&ctx, sk);
         return 0;
     }
     let port: u16 = kread(sk, layout(|l| &l.sk_num)).unwrap_or(0);
@@ -133,6 +147,10 @@ pub fn lsn_track_tp(ctx: TracePointContext) -> u32 {
     let sk: u64 = record(&ctx, layout(|l| &l.state_skaddr)).unwrap_or(0);
     let oldstate: i32 = record(&ctx, layout(|l| &l.state_oldstate)).unwrap_or(0);
     let newstate: i32 = record(&ctx, layout(|l| &l.state_newstate)).unwrap_or(0);
+    if timewait::may_enter(oldstate, newstate) {
+        let _ = timewait::closed(&ctx, sk);
+        return 0;
+    }
     let port: u16 = record(&ctx, layout(|l| &l.state_sport)).unwrap_or(0);
     if !wanted(oldstate, newstate) {
         return 0;

@@ -101,6 +101,14 @@ pub fn check(args: &CheckArgs) -> bool {
             detail: "no cgroup v2 hierarchy found: listen_ingress (SYN-stage overflows, SYN-queue full) is unavailable; mount one or pass --path.cgroup2".into(),
         },
     });
+    lines.push(Line {
+        ok: support.timewait.is_ok(),
+        feature: "timewait entries".into(),
+        detail: match &support.timewait {
+            Ok(()) => "listen_track finds timewait sockets in the established hash (BTF offsets resolved)".into(),
+            Err(why) => format!("{why}; sockscope_tcp_time_wait_entered_total is unavailable (the gauges are not affected)"),
+        },
+    });
     // Nothing is pinned, so bpffs is only reported, never required.
     let bpffs = is_mounted(Path::new("/sys/fs/bpf"), "bpf");
     lines.push(Line {

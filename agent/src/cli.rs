@@ -23,6 +23,10 @@ pub const COLLECTORS: &[(&str, &str)] = &[
         "sysctl",
         "the TCP settings of the agent's network namespace and of every one with a listener (/proc/sys/net)",
     ),
+    (
+        "timewait",
+        "timewait sockets per port and per remote endpoint, and TIME_WAIT entries per port, in every network namespace (sock_diag; eBPF)",
+    ),
 ];
 
 /// sockscope: what the kernel's TCP stack does to connections at the listen backlog.
@@ -46,6 +50,20 @@ pub enum Command {
     Check(CheckArgs),
     /// Show every TCP listener with its queues, its drops during an interval and a diagnosis.
     Listeners(ListenersArgs),
+    /// Show the remote endpoints with the most TIME_WAIT sockets against the ephemeral ports
+    /// available to them, in every network namespace.
+    Timewait(TimewaitArgs),
+}
+
+/// Options of `sockscope timewait`.
+#[derive(Clone, Debug, Args)]
+pub struct TimewaitArgs {
+    /// Endpoints shown per network namespace.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `sockscope run`.
@@ -80,6 +98,14 @@ pub struct RunArgs {
     /// listeners are seen at once by the kernel; the refresh prunes closed ones).
     #[arg(long = "listeners.refresh-interval", value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refresh_seconds: u64,
+    /// Remote endpoints per network namespace in sockscope_tcp_time_wait_peer_sockets (the
+    /// ones with the most timewait sockets).
+    #[arg(
+        long = "collector.timewait.top-peers",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub timewait_top_peers: usize,
     /// Where the kernel's interfaces are.
     #[command(flatten)]
     pub paths: PathArgs,

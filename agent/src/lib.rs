@@ -20,6 +20,8 @@ pub mod probes;
 pub mod reload;
 pub mod run;
 pub mod server;
+pub mod timewait;
+pub mod timewait_cmd;
 
 use std::process::ExitCode;
 
@@ -45,6 +47,10 @@ pub fn main() -> ExitCode {
             // would only repeat it on stderr.
             init_logging("error");
             listeners_cmd::main(&args)
+        }
+        Some(cli::Command::Timewait(args)) => {
+            init_logging("error");
+            timewait_cmd::main(&args)
         }
         // The flags were validated above; the run options are read again from the command
         // line and merged with --config.file.

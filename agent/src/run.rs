@@ -135,10 +135,12 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     let mut port_sync = None;
     let mut listen_events = None;
+    let mut timewait_entered = None;
     if let Some(probes) = probes.as_mut() {
         let mut counters = ports::CounterMaps {
             resets: Vec::new(),
             listen: None,
+            timewait: None,
         };
         for name in ["RESETS_SENT", "RESETS_RECV"] {
             if let Some(map) = probes.second_handle(name) {
@@ -147,6 +149,9 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
         }
         if let Some(map) = probes.second_handle("LISTEN_EVENTS") {
             counters.listen = Some(map.try_into()?);
+        }
+        if let Some(map) = probes.second_handle("TIME_WAIT_ENTERED") {
+            counters.timewait = Some(map.try_into()?);
         }
         if args.collectors.enabled("resets") {
             let sent: PerCpuHashMap<MapData, _, u64> = take(probes, "RESETS_SENT")?;
@@ -167,6 +172,17 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
         if args.collectors.enabled("listen") {
             listen_events = Some(take(probes, "LISTEN_EVENTS")?);
         }
+        if args.collectors.enabled("timewait") {
+            match &probes.timewait {
+                Ok(()) if probes.is_up("listen_track") => {
+                    timewait_entered = Some(take(probes, "TIME_WAIT_ENTERED")?);
+                }
+                Ok(()) => {}
+                Err(why) => tracing::warn!(
+                    "TIME_WAIT entries are not counted: {why}; the timewait gauges are still served"
+                ),
+            }
+        }
         let errors: PerCpuArray<MapData, u64> = take(probes, "MAP_ERRORS")?;
         sources.push(Box::new(metrics::ebpf::Ebpf::new(
             errors,
@@ -178,9 +194,20 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
         listen: args.collectors.enabled("listen"),
         netstat: args.collectors.enabled("netstat"),
         sysctl: args.collectors.enabled("sysctl"),
+        timewait: args.collectors.enabled("timewait"),
     };
-    if scan_config.listen || scan_config.netstat || scan_config.sysctl {
-        let scan = Arc::new(Scan::new(netns::Discovery::new()?, scan_config));
+    if scan_config.listen || scan_config.netstat || scan_config.sysctl || scan_config.timewait {
+        let scan = Arc::new(
+            Scan::new(netns::Discovery::new()?, scan_config).with_watched_ports(&args.watch_ports),
+        );
+        if scan_config.timewait {
+            sources.push(Box::new(metrics::timewait::TimeWait::new(
+                Arc::clone(&scan),
+                timewait_entered,
+                args.timewait_top_peers,
+                args.series_limit,
+            )));
+        }
         if scan_config.listen {
             // The kernel programs' per-listener counts, when they are loaded.
             let events: Option<Box<dyn ListenEventSource>> = match listen_events {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use testkit::{AgentProcess, Netns, VethLab, connect_closed_port, require_root};
+use testkit::{AgentProcess, NamedNetns, Netns, VethLab, connect_closed_port, require_root};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
 
@@ -105,7 +105,7 @@ fn namespaces_and_listeners_churning_during_scrapes() -> Result<()> {
                 // stays unnamed (found by no one) to cover that case too.
                 let named = (round % 2 == 0)
                     .then(|| {
-                        named::Named::new(
+                        NamedNetns::new(
                             &ns,
                             &format!("sockscope-test-{}-{round}", std::process::id()),
                         )
@@ -146,49 +146,6 @@ fn namespaces_and_listeners_churning_during_scrapes() -> Result<()> {
         "only {scrapes} scrapes ran during the churn"
     );
     Ok(())
-}
-
-mod named {
-    use std::{
-        fs,
-        os::fd::{AsFd as _, AsRawFd as _},
-        path::PathBuf,
-    };
-
-    use anyhow::{Context as _, Result};
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    use testkit::Netns;
-
-    /// A namespace bind-mounted under /run/netns (what `ip netns add` does), unmounted and
-    /// removed on drop, also when the test fails.
-    pub struct Named(PathBuf);
-
-    impl Named {
-        pub fn new(ns: &Netns, name: &str) -> Result<Self> {
-            fs::create_dir_all("/run/netns")?;
-            let path = PathBuf::from("/run/netns").join(name);
-            fs::File::create(&path).with_context(|| path.display().to_string())?;
-            let source = format!("/proc/self/fd/{}", ns.as_fd().as_raw_fd());
-            if let Err(e) = mount(
-                Some(source.as_str()),
-                &path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            ) {
-                let _ = fs::remove_file(&path);
-                return Err(e).context("bind-mounting the namespace");
-            }
-            Ok(Self(path))
-        }
-    }
-
-    impl Drop for Named {
-        fn drop(&mut self) {
-            let _ = umount2(&self.0, MntFlags::MNT_DETACH);
-            let _ = fs::remove_file(&self.0);
-        }
-    }
 }
 
 /// The entries of a namespace that is gone are removed from the kernel maps (after two

@@ -8,14 +8,14 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::Path,
     time::Duration,
 };
 
 use anyhow::{Result, ensure};
 use testkit::{
-    AgentProcess, Metrics, Netns, connect_closed_port, require_root, tcp_pair, wait_until,
+    AgentProcess, Metrics, Netns, connect_closed_port, require_root, set_linger_zero, tcp_pair,
+    wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
@@ -45,25 +45,6 @@ fn close_with_linger_zero(listener: &TcpListener) -> Result<()> {
     set_linger_zero(&client)?;
     drop(client);
     expect_reset(&mut server)
-}
-
-fn set_linger_zero(stream: &TcpStream) -> Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
 }
 
 fn expect_reset(stream: &mut TcpStream) -> Result<()> {

@@ -43,7 +43,7 @@ pub use cgroup_bpf::{Cgroup, CgroupLink, CountingProgram, cgroup_ingress_program
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
-pub use netns::{Netns, NetnsGuard};
+pub use netns::{NamedNetns, Netns, NetnsGuard};
 pub use process::{
     ChildGuard, command_with_caps, command_without_caps, held_bpf_ids, kernel_bpf_ids, thread_caps,
 };
@@ -56,7 +56,9 @@ pub use scenarios::{
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
 pub use tempdir::{TempDir, partial_tracefs};
-pub use traffic::{connect_closed_port, tcp_pair};
+pub use traffic::{
+    FirstCloser, closed_connections, connect_closed_port, set_linger_zero, tcp_pair,
+};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.
 pub fn wait_until(

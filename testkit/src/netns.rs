@@ -266,6 +266,39 @@ fn set_loopback_up() -> Result<()> {
     Ok(())
 }
 
+/// A namespace bind-mounted under /run/netns (what `ip netns add` does), so that whoever
+/// walks /run/netns finds it; unmounted and removed on drop, also when a test fails.
+pub struct NamedNetns(PathBuf);
+
+impl NamedNetns {
+    /// Names `ns` as `/run/netns/<name>`.
+    pub fn new(ns: &Netns, name: &str) -> Result<Self> {
+        use nix::mount::{MsFlags, mount};
+        std::fs::create_dir_all("/run/netns")?;
+        let path = PathBuf::from("/run/netns").join(name);
+        File::create(&path).with_context(|| path.display().to_string())?;
+        let source = format!("/proc/self/fd/{}", ns.as_fd().as_raw_fd());
+        if let Err(e) = mount(
+            Some(source.as_str()),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e).context("bind-mounting the namespace");
+        }
+        Ok(Self(path))
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

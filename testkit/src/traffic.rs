@@ -56,3 +56,72 @@ pub fn tcp_pair(listener: &TcpListener) -> Result<(TcpStream, TcpStream)> {
     }
     Ok((client, server))
 }
+
+/// Which side of a connection closes first, and so how it ends (see [`closed_connections`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstCloser {
+    /// The client closes, then the server: the client keeps a TIME_WAIT socket.
+    Client,
+    /// The server closes, then the client: the server keeps a TIME_WAIT socket, on the
+    /// listener's port.
+    Server,
+    /// The client closes and the server keeps its end open: the client's orphaned FIN_WAIT2
+    /// socket becomes a timewait socket in FIN_WAIT2 (while `tcp_fin_timeout` ≤ 60 s). The
+    /// server ends are returned; dropping them later moves those to TIME_WAIT.
+    ClientOrphan,
+}
+
+/// Makes `n` connections to `listener` (blocking) and closes them as `first` says. Returns the
+/// server ends left open ([`FirstCloser::ClientOrphan`] only; else empty).
+pub fn closed_connections(
+    listener: &TcpListener,
+    n: usize,
+    first: FirstCloser,
+) -> Result<Vec<TcpStream>> {
+    use std::io::Read as _;
+    let mut kept = Vec::new();
+    let mut rest = [0u8; 16];
+    for _ in 0..n {
+        let (client, server) = tcp_pair(listener)?;
+        let (closer, mut other) = match first {
+            FirstCloser::Server => (server, client),
+            FirstCloser::Client | FirstCloser::ClientOrphan => (client, server),
+        };
+        drop(closer);
+        if first == FirstCloser::ClientOrphan {
+            kept.push(other);
+            continue;
+        }
+        // Wait for the FIN, so the first closer's close is complete before the second.
+        other.set_read_timeout(Some(PAIR_TIMEOUT))?;
+        let got = other.read(&mut rest).context("reading the peer's FIN")?;
+        if got != 0 {
+            bail!("the peer sent data instead of closing");
+        }
+        drop(other);
+    }
+    Ok(kept)
+}
+
+/// Sets SO_LINGER {on, 0}: closing the socket then sends an RST instead of a FIN.
+pub fn set_linger_zero(stream: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -26,6 +26,27 @@ pub fn struct_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), 
     Ok(())
 }
 
+/// What the TIME_WAIT count reads at a move to CLOSE (`agent-ebpf/src/timewait.rs`): the
+/// connection's identity and the established hash of its namespace.
+pub fn timewait_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
+    layout.inet_sport = btf.offset_of("inet_sock", &["inet_sport"])?;
+    layout.sk_hash = btf.offset_of("sock_common", &["skc_hash"])?;
+    layout.sk_addrpair = btf.offset_of("sock_common", &["skc_addrpair"])?;
+    layout.sk_dport = btf.offset_of("sock_common", &["skc_dport"])?;
+    layout.sk_v6_daddr = btf
+        .offset_of("sock_common", &["skc_v6_daddr"])
+        .unwrap_or(FIELD_ABSENT);
+    layout.sk_nulls_node = btf.offset_of("sock_common", &["skc_nulls_node"])?;
+    // An embedded death row with its own hashinfo pointer: Linux 6.1 and later.
+    layout.net_tw_hashinfo = btf.offset_of("net", &["ipv4", "tcp_death_row", "hashinfo"])?;
+    layout.hashinfo_ehash = btf.offset_of("inet_hashinfo", &["ehash"])?;
+    layout.hashinfo_ehash_mask = btf.offset_of("inet_hashinfo", &["ehash_mask"])?;
+    layout.net_port_range = btf.offset_of("net", &["ipv4", "ip_local_ports", "range"])?;
+    // Older kernels keep `int range[2]` beside a seqlock; newer ones one packed u32.
+    layout.net_port_range_ints = u32::from(btf.offset_of("local_ports", &["lock"]).is_ok());
+    Ok(())
+}
+
 /// What the listener program reads of a listening socket and its namespace.
 pub fn listener_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
     layout.sk_ack_backlog = btf.offset_of("sock", &["sk_ack_backlog"])?;

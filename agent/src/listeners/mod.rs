@@ -50,10 +50,11 @@ pub fn listeners() -> Result<Vec<Listener>, SockDiagError> {
     Ok(out)
 }
 
-const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+/// `AF_INET` and `AF_INET6`, in the order dumps go through them.
+pub const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 
 /// A kernel or namespace without IPv6 has no IPv6 sockets: not an error.
-fn tolerate_missing_ipv6(
+pub fn tolerate_missing_ipv6(
     family: u8,
     result: Result<(), SockDiagError>,
 ) -> Result<(), SockDiagError> {
@@ -122,6 +123,13 @@ pub struct NsListeners {
 #[derive(Debug, Default)]
 pub struct DumpBuffers {
     receive: Vec<u8>,
+}
+
+impl DumpBuffers {
+    /// The receive buffer, for other dumps of the same pass.
+    pub fn receive(&mut self) -> &mut Vec<u8> {
+        &mut self.receive
+    }
 }
 
 impl NsListeners {

@@ -57,8 +57,11 @@ pub fn dump_tcp(family: u8, states: StateFlags) -> Result<Vec<InetResponse>, Soc
 pub struct DiagSocket {
     /// `AF_INET` or `AF_INET6`.
     pub family: u8,
-    /// TCP state (request sockets are reported as SYN_RECV, 3).
+    /// TCP state (request sockets are reported as SYN_RECV, 3; a timewait socket as its
+    /// substate, TIME_WAIT or FIN_WAIT2).
     pub state: u8,
+    /// `idiag_timer`: 3 for a timewait socket (its timer), else the full socket's pending timer.
+    pub timer: u8,
     /// Local address.
     pub src: IpAddr,
     /// Local port.
@@ -218,6 +221,7 @@ fn decode(payload: &[u8]) -> Result<DiagSocket, SockDiagError> {
     let mut socket = DiagSocket {
         family,
         state: payload[1],
+        timer: payload[2],
         // struct inet_diag_sockid at offset 4: ports in network order, then addresses.
         sport: u16::from_be_bytes([payload[4], payload[5]]),
         dport: u16::from_be_bytes([payload[6], payload[7]]),

@@ -34,6 +34,7 @@ use crate::{
     kernel::KernelError,
     listeners::{DumpBuffers, ListenSeries, NsListeners, unspecified},
     netns::{Discovery, NetnsError, NetnsInfo},
+    timewait::NsTimeWait,
 };
 
 /// Identity of one listener series.
@@ -101,6 +102,9 @@ pub struct ScanConfig {
     pub netstat: bool,
     /// /proc/sys/net (the `sysctl` collector).
     pub sysctl: bool,
+    /// Timewait sockets (the `timewait` collector); namespaces that have some get their
+    /// counters and settings read too.
+    pub timewait: bool,
 }
 
 /// The collectors that share one pass.
@@ -112,6 +116,8 @@ pub enum Consumer {
     Netstat = 1,
     /// [`netstat::Sysctl`].
     Sysctl = 2,
+    /// [`super::timewait::TimeWait`].
+    TimeWait = 3,
 }
 
 /// What one pass found in one namespace.
@@ -130,6 +136,8 @@ pub struct NsSnapshot {
     pub netstat: Option<Result<netstat::CounterValues, KernelError>>,
     /// Its settings, likewise.
     pub sysctl: Option<Result<netstat::SysctlValues, KernelError>>,
+    /// Its timewait sockets (when `timewait` is on and the namespace could be read).
+    pub timewait: Option<NsTimeWait>,
 }
 
 /// One pass over every namespace of the host.
@@ -159,13 +167,14 @@ pub struct Scan {
     discovery: Discovery,
     config: ScanConfig,
     state: Mutex<ScanState>,
+    watched: Vec<u16>,
 }
 
 #[derive(Debug, Default)]
 struct ScanState {
     current: Option<(Arc<Snapshot>, Instant)>,
     generation: u64,
-    consumed: [u64; 3],
+    consumed: [u64; 4],
     buffers: DumpBuffers,
     text: String,
 }
@@ -177,7 +186,16 @@ impl Scan {
             discovery,
             config,
             state: Mutex::new(ScanState::default()),
+            watched: Vec::new(),
         }
+    }
+
+    /// Ports that keep their number in the `port` label of timewait sockets even without a
+    /// listener (`--watch.ports`).
+    pub fn with_watched_ports(mut self, ports: &[u16]) -> Self {
+        self.watched = ports.to_vec();
+        self.watched.sort_unstable();
+        self
     }
 
     /// The pass of the current scrape for `consumer`.
@@ -221,6 +239,7 @@ impl Scan {
                 listeners: pool.pop().unwrap_or_default(),
                 netstat: None,
                 sysctl: None,
+                timewait: None,
             };
             snap.listeners.sockets.clear();
             snap.listeners.series.clear();
@@ -238,7 +257,22 @@ impl Scan {
                         snap.listeners.series.clear();
                     }
                 }
-                if inode == own || !snap.listeners.series.is_empty() {
+                if config.timewait {
+                    let mut ports: Vec<u16> =
+                        snap.listeners.series.iter().map(|s| s.port).collect();
+                    ports.extend_from_slice(&self.watched);
+                    ports.sort_unstable();
+                    ports.dedup();
+                    let labelled = |p: u16| ports.binary_search(&p).is_ok();
+                    match NsTimeWait::read(buffers.receive(), labelled) {
+                        Ok(tw) => snap.timewait = Some(tw),
+                        // Half a dump is no figure: the namespace has no timewait series now.
+                        Err(e) if inode == own => tracing::warn!("listing timewait sockets: {e}"),
+                        Err(e) => tracing::debug!(netns = inode, "timewait sockets: {e}; skipped"),
+                    }
+                }
+                let has_timewait = snap.timewait.as_ref().is_some_and(|t| t.total() > 0);
+                if inode == own || !snap.listeners.series.is_empty() || has_timewait {
                     if config.netstat {
                         snap.netstat = Some(netstat::read_counters(text));
                     }
@@ -294,7 +328,7 @@ const DROPS: FamilySpec = FamilySpec {
 };
 const NETNS_INFO: FamilySpec = FamilySpec {
     name: "sockscope_netns_info",
-    help: "A network namespace with a listener: its name (ip netns) and the lowest pid living in it; always 1.",
+    help: "A network namespace with a listener or timewait sockets: its name (ip netns) and the lowest pid living in it; always 1.",
     kind: Kind::Gauge,
     labels: &["netns", "name", "pid", "comm"],
 };
@@ -689,7 +723,10 @@ fn netns_info(snapshot: &Snapshot) -> Option<MetricFamily> {
     let mut rows: Vec<[String; 4]> = snapshot
         .namespaces
         .iter()
-        .filter(|ns| ns.listeners_read && !ns.listeners.series.is_empty())
+        .filter(|ns| {
+            (ns.listeners_read && !ns.listeners.series.is_empty())
+                || ns.timewait.as_ref().is_some_and(|t| t.total() > 0)
+        })
         .map(|ns| {
             [
                 ns.info.inode.to_string(),
@@ -984,6 +1021,7 @@ mod tests {
                 listeners: listeners(sockets),
                 netstat: None,
                 sysctl: None,
+                timewait: None,
             }],
         }
     }

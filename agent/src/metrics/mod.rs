@@ -7,6 +7,7 @@ pub mod labels;
 pub mod listen;
 pub mod netstat;
 pub mod resets;
+pub mod timewait;
 
 use std::{
     collections::HashMap,

@@ -127,7 +127,7 @@ fn e(err: impl ToString) -> String {
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "listen_track",
-        collectors: &["resets", "listen"],
+        collectors: &["resets", "listen", "timewait"],
         needs: "tracepoint sock:inet_sock_set_state (Linux 4.16)",
         paths: &[
             ProbePath {
@@ -350,6 +350,9 @@ pub struct KernelSupport {
     pub tracefs: Option<PathBuf>,
     /// Where the cgroup v2 root is.
     pub cgroup2: Option<PathBuf>,
+    /// Whether `listen_track` counts TIME_WAIT entries: the `timewait` collector is on and
+    /// the offsets it reads resolved (else why not).
+    pub timewait: Result<(), String>,
 }
 
 impl KernelSupport {
@@ -368,6 +371,13 @@ impl KernelSupport {
             .btf()
             .and_then(|b| layout::struct_offsets(b, &mut layout).map_err(|e| e.to_string()));
         layout.synq_full_at_limit = u32::from(kernel::release_below(6, 14));
+        let timewait = if disabled.contains(&"timewait") {
+            Err("collector timewait is disabled".to_string())
+        } else {
+            resolver
+                .btf()
+                .and_then(|b| layout::timewait_offsets(b, &mut layout).map_err(|e| e.to_string()))
+        };
         let probes = PROBES
             .iter()
             .map(|spec| {
@@ -406,6 +416,7 @@ impl KernelSupport {
             reset_reasons,
             tracefs: resolver.tracefs.ok(),
             cgroup2: resolver.cgroup2.ok(),
+            timewait,
         }
     }
 }
@@ -417,6 +428,8 @@ pub struct Probes {
     pub status: Vec<ProbeStatus>,
     /// Names of `enum sk_rst_reason` values on this kernel.
     pub reset_reasons: HashMap<u8, String>,
+    /// Whether `listen_track` counts TIME_WAIT entries (else why not).
+    pub timewait: Result<(), String>,
     _logger_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -430,6 +443,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &support.layout, true)
             .override_global("WATCH_ANY", &u32::from(watching), true)
+            .override_global("TIMEWAIT_ON", &u32::from(support.timewait.is_ok()), true)
             .load(EBPF_OBJECT)?;
         let logger_task = forward_kernel_log(&mut ebpf);
         let cgroup2 = support.cgroup2.clone();
@@ -473,6 +487,7 @@ impl Probes {
             ebpf,
             status,
             reset_reasons: support.reset_reasons,
+            timewait: support.timewait,
             _logger_task: logger_task,
         })
     }

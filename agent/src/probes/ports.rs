@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
-use agent_common::{ListenPortKey, ListenerKey, ResetKey, WATCH_PORT_WORDS};
+use agent_common::{ListenPortKey, ListenerKey, ResetKey, TimeWaitKey, WATCH_PORT_WORDS};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 
 /// Writes the watched ports into the `WATCH_PORTS` bitmap.
@@ -31,6 +31,8 @@ pub struct CounterMaps {
     pub resets: Vec<PerCpuHashMap<MapData, ResetKey, u64>>,
     /// `LISTEN_EVENTS`.
     pub listen: Option<PerCpuHashMap<MapData, ListenerKey, u64>>,
+    /// `TIME_WAIT_ENTERED`.
+    pub timewait: Option<PerCpuHashMap<MapData, TimeWaitKey, u64>>,
 }
 
 /// The periodic upkeep: listener ports and dead namespaces.
@@ -97,6 +99,9 @@ impl Upkeep {
             if let Some(map) = self.counters.listen.as_mut() {
                 prune(map, &dead, |k| k.netns);
             }
+            if let Some(map) = self.counters.timewait.as_mut() {
+                prune(map, &dead, |k| k.netns);
+            }
         }
     }
 
@@ -117,6 +122,9 @@ impl Upkeep {
             present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
         }
         if let Some(map) = &self.counters.listen {
+            present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
+        }
+        if let Some(map) = &self.counters.timewait {
             present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
         }
         self.misses

@@ -25,6 +25,9 @@
 //!   node_exporter's netstat and sockstat collectors (/metrics with 10,000 listeners), bpftrace
 //!   with a tracepoint-only script (its cost on the churn), and bcc's `tcpsynbl` (needs
 //!   kprobes). A tool that cannot run here is reported so, with the reason; nothing is faked.
+//! - `timewait`: 100,000 TIME_WAIT sockets in one namespace: /metrics latency (target
+//!   < 200 ms) and agent RSS (target < 64 MiB), beside node_exporter's sockstat and tcpstat
+//!   collectors on the same sockets.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
@@ -41,6 +44,8 @@ mod peers;
 mod resets;
 #[path = "sockscope-bench/synflood.rs"]
 mod synflood;
+#[path = "sockscope-bench/timewait.rs"]
+mod timewait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +92,9 @@ pub struct Args {
     /// /metrics scrapes timed with the idle listeners (per tool in `peers`)
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     listener_scrapes: u32,
+    /// TIME_WAIT sockets of the `timewait` section
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=250_000))]
+    time_wait_sockets: u64,
     /// Never install missing peers (node_exporter, bpftrace) with apt-get
     #[arg(long)]
     no_install: bool,
@@ -108,6 +116,8 @@ enum Section {
     Listeners,
     /// node_exporter, bpftrace and bcc's tcpsynbl beside the agent, where they can run
     Peers,
+    /// Many TIME_WAIT sockets: /metrics latency and agent RSS, beside node_exporter
+    Timewait,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +169,7 @@ fn run(args: &Args) -> Result<Vec<String>> {
             Section::Synflood => synflood::run(args),
             Section::Listeners => listeners::run(args),
             Section::Peers => peers::run(args),
+            Section::Timewait => timewait::run(args),
         };
         // One section that cannot run does not keep the others from reporting.
         match found.with_context(|| format!("section {section:?}")) {

@@ -44,14 +44,8 @@ static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Runs the section and prints its tables; returns what was found broken.
 pub fn run(args: &Args) -> Result<Vec<String>> {
-    let mut installer = Installer {
-        allowed: !args.no_install,
-        updated: false,
-    };
-    let node_exporter = installer.find(
-        "prometheus-node-exporter",
-        &["prometheus-node-exporter", "node_exporter"],
-    );
+    let mut installer = Installer::new(args);
+    let node_exporter = installer.node_exporter();
     let bpftrace = installer.find("bpftrace", &["bpftrace"]);
     scrapes_side_by_side(args, &node_exporter)?;
     churn_side_by_side(args, &bpftrace)
@@ -72,7 +66,13 @@ fn scrapes_side_by_side(args: &Args, node_exporter: &Found) -> Result<()> {
         measure_server(&ns, agent.pid(), AGENT_LISTEN, k, limit)?
     };
     let theirs = match node_exporter {
-        Found::At(bin) => Some(node_exporter_scrapes(&ns, bin, k, limit)),
+        Found::At(bin) => Some(node_exporter_scrapes(
+            &ns,
+            bin,
+            &["netstat", "sockstat"],
+            k,
+            limit,
+        )),
         Found::Missing(_) => None,
     };
 
@@ -105,7 +105,7 @@ fn scrapes_side_by_side(args: &Args, node_exporter: &Found) -> Result<()> {
     Ok(())
 }
 
-fn print_served(label: &str, s: &Served) {
+pub fn print_served(label: &str, s: &Served) {
     println!(
         "{label:<46}{:<10.1}{:<10.1}{:<10.1}{:<10.2}{:<9}{:<20}{:.1} ms",
         s.scrapes.ms(0.5),
@@ -118,10 +118,11 @@ fn print_served(label: &str, s: &Served) {
     );
 }
 
-/// Starts node_exporter with only the netstat and sockstat collectors in `ns` and measures it.
-fn node_exporter_scrapes(
+/// Starts node_exporter with only `collectors` in `ns` and measures it.
+pub fn node_exporter_scrapes(
     ns: &Netns,
     bin: &Path,
+    collectors: &[&str],
     k: u32,
     limit: Duration,
 ) -> Result<(String, Served)> {
@@ -130,11 +131,8 @@ fn node_exporter_scrapes(
         .unwrap_or_else(|| "node_exporter".into());
     let mut cmd = Command::new(bin);
     cmd.arg(format!("--web.listen-address={NODE_EXPORTER_LISTEN}"))
-        .args([
-            "--collector.disable-defaults",
-            "--collector.netstat",
-            "--collector.sockstat",
-        ]);
+        .arg("--collector.disable-defaults")
+        .args(collectors.iter().map(|c| format!("--collector.{c}")));
     let mut peer = Peer::spawn(ns, cmd, "node_exporter")?;
     let pid = peer.child.pid();
     let deadline = Instant::now() + START_TIMEOUT;
@@ -388,13 +386,13 @@ fn kernel_config_kprobes() -> Option<String> {
 }
 
 /// A peer's binary, or why there is none.
-enum Found {
+pub enum Found {
     At(PathBuf),
     Missing(String),
 }
 
 impl Found {
-    fn reason(&self) -> &str {
+    pub fn reason(&self) -> &str {
         match self {
             Found::At(_) => "",
             Found::Missing(why) => why,
@@ -403,12 +401,28 @@ impl Found {
 }
 
 /// Finds peers' binaries, installing their Debian package when missing (if allowed).
-struct Installer {
+pub struct Installer {
     allowed: bool,
     updated: bool,
 }
 
 impl Installer {
+    /// Installs only when `--no-install` is not given.
+    pub fn new(args: &Args) -> Self {
+        Self {
+            allowed: !args.no_install,
+            updated: false,
+        }
+    }
+
+    /// node_exporter, from Debian's prometheus-node-exporter.
+    pub fn node_exporter(&mut self) -> Found {
+        self.find(
+            "prometheus-node-exporter",
+            &["prometheus-node-exporter", "node_exporter"],
+        )
+    }
+
     fn find(&mut self, package: &str, binaries: &[&str]) -> Found {
         if let Some(bin) = which(binaries) {
             return Found::At(bin);

@@ -1,0 +1,126 @@
+//! TIME_WAIT entries per local port (`TIME_WAIT_ENTERED`), counted from
+//! `inet_sock_set_state` by `listen_track` (no program of its own: one hook, one run).
+//!
+//! No tracepoint shows a socket entering TIME_WAIT: `tcp_time_wait()` puts a new timewait
+//! socket into the established hash (at the head of the chain of the socket's own hash
+//! value, replacing the full socket) and then calls `tcp_done()`, whose move to CLOSE is
+//! the tracepoint. So at every move to CLOSE from FIN_WAIT1, FIN_WAIT2 or CLOSING the
+//! program looks at that chain: a timewait socket with this connection's addresses, ports,
+//! hash and namespace there means the socket was just handed over. A socket that dies
+//! without one (reset received or sent, FIN_WAIT2 timeout, orphan limits, and
+//! `tcp_max_tw_buckets` reached) finds none. See docs/KERNEL.md for the limits.
+
+use agent_common::{TimeWaitKey, map_error, tw_class};
+use aya_ebpf::{EbpfContext, macros::map, maps::PerCpuHashMap};
+
+use crate::kernel::{AF_INET6, SkCommon, increment, kread, layout, port_label};
+
+/// TIME_WAIT entries per namespace and local-port label.
+#[map]
+static TIME_WAIT_ENTERED: PerCpuHashMap<TimeWaitKey, u64> =
+    PerCpuHashMap::with_max_entries(16384, 0);
+
+/// 1 when the `timewait` collector is on: saves the hash walk otherwise.
+#[unsafe(no_mangle)]
+static TIMEWAIT_ON: u32 = 0;
+
+/// `TCP_FIN_WAIT1`, `TCP_FIN_WAIT2`, `TCP_CLOSE`, `TCP_CLOSING`, `TCP_TIME_WAIT`.
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_FIN_WAIT2: i32 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSING: i32 = 11;
+
+/// Entries of the chain looked at. Older kernels put the timewait socket at the head of the
+/// chain; newer ones put it where the full socket was (`sk_nulls_replace_node_init_rcu`),
+/// and full sockets are added at the tail: the walk has to cover a whole ordinary chain.
+const CHAIN_STEPS: usize = 32;
+
+/// Whether a move `oldstate` → `newstate` may be the hand-over to a timewait socket.
+#[inline(always)]
+pub fn may_enter(oldstate: i32, newstate: i32) -> bool {
+    newstate == TCP_CLOSE
+        && (oldstate == TCP_FIN_WAIT1 || oldstate == TCP_FIN_WAIT2 || oldstate == TCP_CLOSING)
+        // SAFETY: TIMEWAIT_ON is a valid static; volatile only prevents constant folding.
+        && unsafe { core::ptr::read_volatile(&TIMEWAIT_ON) } != 0
+}
+
+/// The full socket `sk` is moving to CLOSE from FIN_WAIT1/FIN_WAIT2/CLOSING: count it when
+/// its timewait socket is in the established hash.
+#[inline(always)]
+pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
+    let c = SkCommon::read(sk)?;
+    let net: u64 = c.field(layout(|l| &l.sk_net))?;
+    let hash: u32 = c.field(layout(|l| &l.sk_hash))?;
+    let addrs: u64 = c.field(layout(|l| &l.sk_addrpair))?;
+    let dport: u16 = c.field(layout(|l| &l.sk_dport))?;
+    let family: u16 = c.field(layout(|l| &l.sk_family))?;
+    // skc_num is already 0 here when the port was released: inet_sport survives.
+    let sport = u16::from_be(kread::<u16>(sk, layout(|l| &l.inet_sport))?);
+    let hashinfo: u64 = kread(net, layout(|l| &l.net_tw_hashinfo))?;
+    let ehash: u64 = kread(hashinfo, layout(|l| &l.hashinfo_ehash))?;
+    let mask: u32 = kread(hashinfo, layout(|l| &l.hashinfo_ehash_mask))?;
+    // struct inet_ehash_bucket is one hlist_nulls_head: one pointer.
+    let mut node: u64 = kread(ehash + u64::from(hash & mask) * 8, 0)?;
+    let link = u64::from(layout(|l| &l.sk_nulls_node));
+    let v6 = u32::from(family) == AF_INET6;
+    let mut found = false;
+    for _ in 0..CHAIN_STEPS {
+        // The end of a nulls list is an odd marker value.
+        if node & 1 != 0 || node == 0 {
+            return None;
+        }
+        let tw = node - link;
+        let t = SkCommon::read(tw)?;
+        if t.field::<u8>(layout(|l| &l.sk_state)) == Some(TCP_TIME_WAIT)
+            && t.field::<u64>(layout(|l| &l.sk_net)) == Some(net)
+            && t.field::<u32>(layout(|l| &l.sk_hash)) == Some(hash)
+            && t.field::<u64>(layout(|l| &l.sk_addrpair)) == Some(addrs)
+            && t.field::<u16>(layout(|l| &l.sk_dport)) == Some(dport)
+            && t.field::<u16>(layout(|l| &l.sk_num)) == Some(sport)
+            && (!v6 || same_v6_peer(sk, tw))
+        {
+            found = true;
+            break;
+        }
+        node = kread(node, 0)?;
+    }
+    if !found {
+        return None;
+    }
+    let netns: u32 = kread(net, layout(|l| &l.net_inum))?;
+    let mut key = TimeWaitKey {
+        netns,
+        port: port_label(netns, sport),
+        class: tw_class::PORT,
+        pad: 0,
+    };
+    if key.port == 0 {
+        let at = layout(|l| &l.net_port_range);
+        let (low, high) = if layout(|l| &l.net_port_range_ints) != 0 {
+            // Read without the seqlock: a range being rewritten now may be seen half-done.
+            let r: [i32; 2] = kread(net, at).unwrap_or([1, 0]);
+            (r[0] as u32, r[1] as u32)
+        } else {
+            let range: u32 = kread(net, at).unwrap_or(0);
+            (range & 0xffff, range >> 16)
+        };
+        key.class = if u32::from(sport) >= low && u32::from(sport) <= high {
+            tw_class::EPHEMERAL
+        } else {
+            tw_class::OTHER
+        };
+    }
+    increment(ctx, &TIME_WAIT_ENTERED, &key, map_error::TIME_WAIT_ENTERED);
+    Some(())
+}
+
+/// IPv6 sockets: the remote addresses match too (`skc_addrpair` holds only IPv4 ones).
+#[inline(always)]
+fn same_v6_peer(sk: u64, tw: u64) -> bool {
+    let at = layout(|l| &l.sk_v6_daddr);
+    match (kread::<[u64; 2]>(sk, at), kread::<[u64; 2]>(tw, at)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
