@@ -101,7 +101,7 @@ pub fn lsn_track_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     if tw {
-        let _ = timewait::closed(&ctx, sk as u64);
+        let _ = timewait::closed_typed(&ctx, sk);
         return 0;
     }
     let port: u16 = load(sk, layout(|l| &l.sk_num));

@@ -11,9 +11,15 @@
 //! `tcp_max_tw_buckets` reached) finds none. See docs/KERNEL.md for the limits.
 
 use agent_common::{TimeWaitKey, map_error, tw_class};
-use aya_ebpf::{EbpfContext, macros::map, maps::PerCpuHashMap};
+use aya_ebpf::{
+    EbpfContext,
+    cty::c_void,
+    helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
+    macros::map,
+    maps::PerCpuHashMap,
+};
 
-use crate::kernel::{AF_INET6, SkCommon, increment, kread, layout, port_label};
+use crate::kernel::{AF_INET6, SkCommon, increment, kread, layout, load, port_label};
 
 /// TIME_WAIT entries per namespace and local-port label.
 #[map]
@@ -45,25 +51,114 @@ pub fn may_enter(oldstate: i32, newstate: i32) -> bool {
         && unsafe { core::ptr::read_volatile(&TIMEWAIT_ON) } != 0
 }
 
+/// The closing socket's identity, and where its timewait socket would be.
+struct Closing {
+    /// `struct net *`, compared with the candidates' own.
+    net: u64,
+    netns: u32,
+    hash: u32,
+    addrs: u64,
+    dport: u16,
+    family: u16,
+    sport: u16,
+    /// `inet_hashinfo.ehash` (as a plain number) and `ehash_mask`.
+    ehash: u64,
+    mask: u32,
+}
+
 /// The full socket `sk` is moving to CLOSE from FIN_WAIT1/FIN_WAIT2/CLOSING: count it when
-/// its timewait socket is in the established hash.
+/// its timewait socket is in the established hash. Reads through the helper.
 #[inline(always)]
 pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
     let c = SkCommon::read(sk)?;
     let net: u64 = c.field(layout(|l| &l.sk_net))?;
-    let hash: u32 = c.field(layout(|l| &l.sk_hash))?;
-    let addrs: u64 = c.field(layout(|l| &l.sk_addrpair))?;
-    let dport: u16 = c.field(layout(|l| &l.sk_dport))?;
-    let family: u16 = c.field(layout(|l| &l.sk_family))?;
-    // skc_num is already 0 here when the port was released: inet_sport survives.
-    let sport = u16::from_be(kread::<u16>(sk, layout(|l| &l.inet_sport))?);
     let hashinfo: u64 = kread(net, layout(|l| &l.net_tw_hashinfo))?;
-    let ehash: u64 = kread(hashinfo, layout(|l| &l.hashinfo_ehash))?;
-    let mask: u32 = kread(hashinfo, layout(|l| &l.hashinfo_ehash_mask))?;
+    let closing = Closing {
+        net,
+        netns: kread(net, layout(|l| &l.net_inum))?,
+        hash: c.field(layout(|l| &l.sk_hash))?,
+        addrs: c.field(layout(|l| &l.sk_addrpair))?,
+        dport: c.field(layout(|l| &l.sk_dport))?,
+        family: c.field(layout(|l| &l.sk_family))?,
+        // skc_num is already 0 here when the port was released: inet_sport survives.
+        sport: u16::from_be(kread::<u16>(sk, layout(|l| &l.inet_sport))?),
+        ehash: kread(hashinfo, layout(|l| &l.hashinfo_ehash))?,
+        mask: kread(hashinfo, layout(|l| &l.hashinfo_ehash_mask))?,
+    };
+    count_if_handed_over(ctx, sk, &closing, || port_range(net))
+}
+
+/// [`closed`] for a socket the verifier knows by its BTF type (the BTF tracepoint): the
+/// socket, its namespace and the hash table are read with plain loads; only the chain walk,
+/// whose addresses the verifier cannot follow, goes through the helper.
+#[inline(always)]
+pub fn closed_typed<C: EbpfContext>(ctx: &C, sk: *const u8) -> Option<()> {
+    // SAFETY: helper call on a socket the verifier knows; the result is null-checked.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        return None;
+    }
+    let net: *const u8 = load(tp, layout(|l| &l.sk_net));
+    let hashinfo: *const u8 = load(net, layout(|l| &l.net_tw_hashinfo));
+    let ehash: u64 = load(hashinfo, layout(|l| &l.hashinfo_ehash));
+    let closing = Closing {
+        net: net as u64,
+        netns: load(net, layout(|l| &l.net_inum)),
+        hash: load(tp, layout(|l| &l.sk_hash)),
+        addrs: load(tp, layout(|l| &l.sk_addrpair)),
+        dport: load(tp, layout(|l| &l.sk_dport)),
+        family: load(tp, layout(|l| &l.sk_family)),
+        // skc_num is already 0 here when the port was released: inet_sport survives.
+        sport: u16::from_be(load(tp, layout(|l| &l.inet_sport))),
+        // The bucket is indexed by a run-time value, which the verifier allows only on a
+        // plain number: read the address back through the helper.
+        ehash: scalar(ehash)?,
+        mask: load(hashinfo, layout(|l| &l.hashinfo_ehash_mask)),
+    };
+    let range = if layout(|l| &l.net_port_range_ints) != 0 {
+        let r: [i32; 2] = load(net, layout(|l| &l.net_port_range));
+        (r[0] as u32, r[1] as u32)
+    } else {
+        let range: u32 = load(net, layout(|l| &l.net_port_range));
+        (range & 0xffff, range >> 16)
+    };
+    count_if_handed_over(ctx, sk as u64, &closing, || range)
+}
+
+/// A kernel address as a plain number for the verifier (read back from our own stack).
+#[inline(always)]
+fn scalar(value: u64) -> Option<u64> {
+    let slot = value;
+    // SAFETY: reads 8 bytes of our own stack.
+    unsafe { bpf_probe_read_kernel(&slot as *const u64).ok() }
+}
+
+/// The namespace's `ip_local_port_range`, through the helper.
+#[inline(always)]
+fn port_range(net: u64) -> (u32, u32) {
+    let at = layout(|l| &l.net_port_range);
+    if layout(|l| &l.net_port_range_ints) != 0 {
+        // Read without the seqlock: a range being rewritten now may be seen half-done.
+        let r: [i32; 2] = kread(net, at).unwrap_or([1, 0]);
+        (r[0] as u32, r[1] as u32)
+    } else {
+        let range: u32 = kread(net, at).unwrap_or(0);
+        (range & 0xffff, range >> 16)
+    }
+}
+
+/// Walks the chain of `c`'s hash value for its timewait socket, and counts the entry.
+#[inline(always)]
+fn count_if_handed_over<C: EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    c: &Closing,
+    range: impl FnOnce() -> (u32, u32),
+) -> Option<()> {
     // struct inet_ehash_bucket is one hlist_nulls_head: one pointer.
-    let mut node: u64 = kread(ehash + u64::from(hash & mask) * 8, 0)?;
+    let mut node: u64 = kread(c.ehash + u64::from(c.hash & c.mask) * 8, 0)?;
     let link = u64::from(layout(|l| &l.sk_nulls_node));
-    let v6 = u32::from(family) == AF_INET6;
+    let v6 = u32::from(c.family) == AF_INET6;
     let mut found = false;
     for _ in 0..CHAIN_STEPS {
         // The end of a nulls list is an odd marker value.
@@ -73,11 +168,11 @@ pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
         let tw = node - link;
         let t = SkCommon::read(tw)?;
         if t.field::<u8>(layout(|l| &l.sk_state)) == Some(TCP_TIME_WAIT)
-            && t.field::<u64>(layout(|l| &l.sk_net)) == Some(net)
-            && t.field::<u32>(layout(|l| &l.sk_hash)) == Some(hash)
-            && t.field::<u64>(layout(|l| &l.sk_addrpair)) == Some(addrs)
-            && t.field::<u16>(layout(|l| &l.sk_dport)) == Some(dport)
-            && t.field::<u16>(layout(|l| &l.sk_num)) == Some(sport)
+            && t.field::<u64>(layout(|l| &l.sk_net)) == Some(c.net)
+            && t.field::<u32>(layout(|l| &l.sk_hash)) == Some(c.hash)
+            && t.field::<u64>(layout(|l| &l.sk_addrpair)) == Some(c.addrs)
+            && t.field::<u16>(layout(|l| &l.sk_dport)) == Some(c.dport)
+            && t.field::<u16>(layout(|l| &l.sk_num)) == Some(c.sport)
             && (!v6 || same_v6_peer(sk, tw))
         {
             found = true;
@@ -88,24 +183,15 @@ pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
     if !found {
         return None;
     }
-    let netns: u32 = kread(net, layout(|l| &l.net_inum))?;
     let mut key = TimeWaitKey {
-        netns,
-        port: port_label(netns, sport),
+        netns: c.netns,
+        port: port_label(c.netns, c.sport),
         class: tw_class::PORT,
         pad: 0,
     };
     if key.port == 0 {
-        let at = layout(|l| &l.net_port_range);
-        let (low, high) = if layout(|l| &l.net_port_range_ints) != 0 {
-            // Read without the seqlock: a range being rewritten now may be seen half-done.
-            let r: [i32; 2] = kread(net, at).unwrap_or([1, 0]);
-            (r[0] as u32, r[1] as u32)
-        } else {
-            let range: u32 = kread(net, at).unwrap_or(0);
-            (range & 0xffff, range >> 16)
-        };
-        key.class = if u32::from(sport) >= low && u32::from(sport) <= high {
+        let (low, high) = range();
+        key.class = if u32::from(c.sport) >= low && u32::from(c.sport) <= high {
             tw_class::EPHEMERAL
         } else {
             tw_class::OTHER
