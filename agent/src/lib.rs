@@ -18,6 +18,7 @@ pub mod netns;
 pub mod probes;
 pub mod run;
 pub mod server;
+pub mod web;
 
 use std::process::ExitCode;
 

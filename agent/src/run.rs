@@ -41,6 +41,9 @@ pub enum RunError {
         "missing capabilities: {0}; run as root or grant them (systemd AmbientCapabilities=, setcap)"
     )]
     Capabilities(String),
+    /// `--web.config.file` is unreadable or invalid.
+    #[error("{0}")]
+    WebConfig(String),
     /// Anything else at start-up.
     #[error("{0:#}")]
     Startup(anyhow::Error),
@@ -48,6 +51,11 @@ pub enum RunError {
 
 /// Runs the agent until a signal asks it to stop.
 pub fn run(args: RunArgs) -> Result<(), RunError> {
+    // A bad web configuration is a usage error: refuse it before anything else.
+    let web = match &args.web_config_file {
+        Some(path) => crate::web::WebState::load(path).map_err(RunError::WebConfig)?,
+        None => crate::web::WebState::plain(),
+    };
     let missing = crate::caps::missing_required();
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
@@ -61,7 +69,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(args, listener))
+        .block_on(serve(args, listener, Arc::new(web)))
         .map_err(RunError::Startup)
 }
 
@@ -94,7 +102,11 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
     Ok(listener)
 }
 
-async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    listener: StdListener,
+    web: Arc<crate::web::WebState>,
+) -> anyhow::Result<()> {
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
     let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
@@ -202,8 +214,19 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let address = listener.local_addr()?;
-    let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
-    tracing::info!(%address, "serving metrics on http://{address}/metrics");
+    let scheme = if web.is_tls() { "https" } else { "http" };
+    let limits = server::Limits {
+        max_requests: args.web_max_requests as usize,
+        max_connections: args.web_max_connections as usize,
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        Arc::clone(&metrics),
+        web,
+        limits,
+        stop_rx,
+    ));
+    tracing::info!(%address, "serving metrics on {scheme}://{address}/metrics");
 
     wait_for_signal().await?;
     tracing::info!("stopping: detaching the probes");
