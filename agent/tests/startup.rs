@@ -95,7 +95,7 @@ fn missing_capabilities_are_named() -> Result<()> {
 }
 
 /// A fake tracefs that lacks `tcp:tcp_receive_reset`, as an old or trimmed kernel would.
-fn tracefs_without_receive_reset() -> Result<tempdir::Dir> {
+fn tracefs_without_receive_reset() -> Result<testkit::TempDir> {
     // On a fresh machine tracefs may not be mounted yet: the agent mounts it when it needs it.
     if !Path::new("/sys/kernel/tracing/events").is_dir() {
         let status = Command::new(AGENT)
@@ -106,7 +106,7 @@ fn tracefs_without_receive_reset() -> Result<tempdir::Dir> {
             "sockscope check did not run"
         );
     }
-    let dir = tempdir::Dir::new("tracefs")?;
+    let dir = testkit::TempDir::new("tracefs")?;
     for tp in ["sock/inet_sock_set_state", "tcp/tcp_send_reset"] {
         let src = Path::new("/sys/kernel/tracing/events")
             .join(tp)
@@ -216,32 +216,4 @@ fn sigterm_exits_zero_and_detaches_everything() -> Result<()> {
     })
     .context("programs or links of the stopped agent are still in the kernel")?;
     Ok(())
-}
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    /// A temporary directory removed on drop.
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new(prefix: &str) -> std::io::Result<Self> {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path =
-                std::env::temp_dir().join(format!("sockscope-{prefix}-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&path)?;
-            Ok(Self(path))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

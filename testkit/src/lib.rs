@@ -30,13 +30,14 @@ mod rtnl;
 mod scenarios;
 mod sockets;
 mod synflood;
+mod tempdir;
 mod traffic;
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-pub use agent::AgentProcess;
+pub use agent::{AgentProcess, HealthProbe};
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
@@ -50,6 +51,7 @@ pub use scenarios::{
 };
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
+pub use tempdir::TempDir;
 pub use traffic::{connect_closed_port, tcp_pair};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.

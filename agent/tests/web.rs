@@ -1,0 +1,785 @@
+//! The web endpoint: TLS, client certificates and basic auth from `--web.config.file`
+//! (certificates made here with rcgen), reloads, and hostile or careless clients.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine as _;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned, SupportedProtocolVersion,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
+};
+use testkit::{AgentProcess, Netns, TempDir, VethLab, http_get, require_root, wait_until};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn agent_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9844))
+}
+
+/// A certificate authority made for one test.
+struct Pki {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            ca_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A leaf certificate for 127.0.0.1 (server or client): (cert PEM, key PEM).
+    fn leaf(&self, name: &str) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ok((
+            params.signed_by(&key, &self.issuer)?.pem(),
+            key.serialize_pem(),
+        ))
+    }
+
+    fn roots(&self) -> Result<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes())?)?;
+        Ok(roots)
+    }
+}
+
+/// How a test client talks to the agent.
+#[derive(Clone, Default)]
+struct Client {
+    /// TLS with these roots; plain HTTP when None.
+    roots: Option<RootCertStore>,
+    /// Client certificate and key (PEM).
+    cert: Option<(String, String)>,
+    /// TLS versions offered; both when None.
+    versions: Option<&'static [&'static SupportedProtocolVersion]>,
+    /// Basic auth user and password.
+    auth: Option<(String, String)>,
+    /// Extra request header lines.
+    headers: Vec<String>,
+    method: Option<&'static str>,
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.split("\r\n").skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Client {
+    fn tls(pki: &Pki) -> Result<Self> {
+        Ok(Self {
+            roots: Some(pki.roots()?),
+            ..Self::default()
+        })
+    }
+
+    fn with_auth(mut self, user: &str, password: &str) -> Self {
+        self.auth = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    fn config(&self) -> Result<Option<Arc<ClientConfig>>> {
+        let Some(roots) = &self.roots else {
+            return Ok(None);
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(self.versions.unwrap_or(rustls::ALL_VERSIONS))?
+            .with_root_certificates(roots.clone());
+        let config = match &self.cert {
+            Some((cert, key)) => builder.with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes())?],
+                PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+            )?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Some(Arc::new(config)))
+    }
+
+    /// One request on a new connection, inside `ns`.
+    fn get(&self, ns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
+        let config = self.config()?;
+        let mut request = format!(
+            "{} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
+            self.method.unwrap_or("GET")
+        );
+        if let Some((user, password)) = &self.auth {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            request.push_str(&format!("Authorization: Basic {token}\r\n"));
+        }
+        for line in &self.headers {
+            request.push_str(line);
+            request.push_str("\r\n");
+        }
+        request.push_str("\r\n");
+        ns.run(|| -> Result<Response> {
+            let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).context("connect")?;
+            tcp.set_read_timeout(Some(TIMEOUT))?;
+            tcp.set_write_timeout(Some(TIMEOUT))?;
+            let raw = match config {
+                Some(config) => {
+                    let conn = ClientConnection::new(config, ServerName::from(addr.ip()))?;
+                    exchange(StreamOwned::new(conn, tcp), &request)?
+                }
+                None => exchange(tcp, &request)?,
+            };
+            parse(&raw)
+        })?
+    }
+}
+
+/// Sends the request and reads to the end (a TLS peer that closes without close_notify
+/// ends the response too).
+fn exchange(mut stream: impl Read + Write, request: &str) -> Result<Vec<u8>> {
+    stream.write_all(request.as_bytes()).context("send")?;
+    stream.flush()?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => Ok(raw),
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e).context("read the response"),
+    }
+}
+
+fn parse(raw: &[u8]) -> Result<Response> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no complete response head in {} bytes", raw.len()))?;
+    let head = String::from_utf8(raw[..end].to_vec())?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
+    let mut response = Response {
+        status,
+        head,
+        body: raw[end + 4..].to_vec(),
+    };
+    if let Some(len) = response.header("content-length") {
+        let len: usize = len.parse()?;
+        if response.body.len() < len {
+            bail!("body truncated: {} of {len}", response.body.len());
+        }
+        response.body.truncate(len);
+    }
+    Ok(response)
+}
+
+/// Writes the web config and starts the agent with it, healthy as seen by `client`.
+fn start(
+    ns: &Netns,
+    config: &Path,
+    client: &Client,
+    extra: &[&str],
+    listen: SocketAddr,
+) -> Result<AgentProcess> {
+    let mut cmd = Command::new(AGENT);
+    cmd.arg("--web.config.file").arg(config).args(extra);
+    let client = client.clone();
+    AgentProcess::start_command_with_probe(ns, cmd, listen, &move |ns, addr, _| {
+        let r = client.get(ns, addr, "/healthz")?;
+        Ok((r.status, r.text()))
+    })
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    // Through a rename, as certificate tools do, so the agent never reads half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Server certificate and key of `pki` written into `dir` as server.crt / server.key.
+fn server_files(pki: &Pki, dir: &Path) -> Result<()> {
+    let (cert, key) = pki.leaf("sockscope test server")?;
+    write(dir, "server.crt", &cert)?;
+    write(dir, "server.key", &key)?;
+    Ok(())
+}
+
+static TLS12_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+
+const TLS: &str = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n";
+
+#[test]
+fn tls_scrape_needs_the_right_ca_and_refuses_plain_http() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-tls")?;
+    let pki = Pki::new("sockscope test CA")?;
+    server_files(&pki, dir.path())?;
+    let config = write(
+        dir.path(),
+        "web.yml",
+        &format!("{TLS}http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"),
+    )?;
+    let ns = Netns::new()?;
+    let client = Client::tls(&pki)?;
+    let agent = start(&ns, &config, &client, &[], agent_addr())?;
+
+    let page = client.get(&ns, agent_addr(), "/metrics")?;
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains("sockscope_build_info"));
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    assert!(agent.log().contains("https://127.0.0.1:9844/metrics"));
+
+    let stranger = Pki::new("another CA")?;
+    let err = Client::tls(&stranger)?
+        .get(&ns, agent_addr(), "/metrics")
+        .expect_err("a server certificate from another CA must not be trusted");
+    assert!(format!("{err:#}").contains("certificate"), "{err:#}");
+
+    let plain = http_get(&ns, agent_addr(), "/metrics");
+    assert!(
+        plain.is_err(),
+        "plain HTTP to the TLS port answered: {plain:?}"
+    );
+    // Still serving after the refusals.
+    assert_eq!(client.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    Ok(())
+}
+
+#[test]
+fn basic_auth_wrong_password_401_right_one_200() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-auth")?;
+    let pki = Pki::new("sockscope test CA")?;
+    server_files(&pki, dir.path())?;
+    let hash = bcrypt::hash("correct horse", 10)?;
+    let config = write(
+        dir.path(),
+        "web.yml",
+        &format!("{TLS}basic_auth_users:\n  prometheus: '{hash}'\n"),
+    )?;
+    let ns = Netns::new()?;
+    let good = Client::tls(&pki)?.with_auth("prometheus", "correct horse");
+    let _agent = start(&ns, &config, &good, &[], agent_addr())?;
+
+    for (who, client) in [
+        ("no credentials", Client::tls(&pki)?),
+        (
+            "wrong password",
+            Client::tls(&pki)?.with_auth("prometheus", "battery staple"),
+        ),
+        (
+            "unknown user",
+            Client::tls(&pki)?.with_auth("grafana", "correct horse"),
+        ),
+    ] {
+        let r = client.get(&ns, agent_addr(), "/metrics")?;
+        assert_eq!(r.status, 401, "{who}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Basic realm=\"sockscope\""),
+            "{who}"
+        );
+        assert!(!r.text().contains("sockscope_"), "{who}: page leaked");
+    }
+    let r = good.get(&ns, agent_addr(), "/metrics")?;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("sockscope_build_info"));
+    // The second scrape is answered from the cache: far below one bcrypt at cost 10 would
+    // not be a fair bound on a busy machine, so only check it still works.
+    assert_eq!(good.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    Ok(())
+}
+
+#[test]
+fn client_certificate_required_and_tls13_only() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-mtls")?;
+    let server_pki = Pki::new("server CA")?;
+    let client_pki = Pki::new("client CA")?;
+    server_files(&server_pki, dir.path())?;
+    write(dir.path(), "clients.crt", &client_pki.ca_pem)?;
+    let config = write(
+        dir.path(),
+        "web.yml",
+        &format!(
+            "{TLS}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: clients.crt\n  \
+             min_version: TLS13\n"
+        ),
+    )?;
+    let ns = Netns::new()?;
+    let with_cert = Client {
+        cert: Some(client_pki.leaf("prometheus")?),
+        ..Client::tls(&server_pki)?
+    };
+    let _agent = start(&ns, &config, &with_cert, &[], agent_addr())?;
+
+    let r = with_cert.get(&ns, agent_addr(), "/metrics")?;
+    assert_eq!(r.status, 200);
+
+    let without = Client::tls(&server_pki)?.get(&ns, agent_addr(), "/metrics");
+    assert!(
+        without.is_err(),
+        "a client without a certificate was served: {without:?}"
+    );
+    let foreign = Client {
+        cert: Some(server_pki.leaf("intruder")?),
+        ..Client::tls(&server_pki)?
+    }
+    .get(&ns, agent_addr(), "/metrics");
+    assert!(
+        foreign.is_err(),
+        "a certificate from another CA was accepted: {foreign:?}"
+    );
+    let tls12 = Client {
+        versions: Some(TLS12_ONLY),
+        ..with_cert.clone()
+    }
+    .get(&ns, agent_addr(), "/metrics");
+    let err = tls12.expect_err("min_version TLS13 must refuse a TLS 1.2 client");
+    assert!(format!("{err:#}").contains("ProtocolVersion"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_config() -> Result<()>
+{
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-reload")?;
+    let old = Pki::new("old CA")?;
+    server_files(&old, dir.path())?;
+    let config = write(dir.path(), "web.yml", TLS)?;
+    let ns = Netns::new()?;
+    let old_client = Client::tls(&old)?;
+    let agent = start(&ns, &config, &old_client, &[], agent_addr())?;
+    assert_eq!(old_client.get(&ns, agent_addr(), "/metrics")?.status, 200);
+
+    let new = Pki::new("new CA")?;
+    let new_client = Client::tls(&new)?;
+    server_files(&new, dir.path())?;
+    wait_until(TIMEOUT, Duration::from_millis(100), || {
+        Ok(new_client.get(&ns, agent_addr(), "/healthz").is_ok())
+    })
+    .context("the new certificate is not served")?;
+    assert!(
+        old_client.get(&ns, agent_addr(), "/healthz").is_err(),
+        "the old certificate is still served"
+    );
+    assert!(agent.log().contains("web configuration reloaded"));
+
+    // A broken file, then a key that does not exist: the last good configuration stays.
+    write(dir.path(), "web.yml", "tls_server_config: [\n")?;
+    assert_eq!(new_client.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    write(
+        dir.path(),
+        "web.yml",
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: missing.key\n",
+    )?;
+    for _ in 0..3 {
+        assert_eq!(new_client.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    }
+    let log = agent.log();
+    let name = config.display().to_string();
+    assert!(
+        log.lines().any(|l| l.contains(&name)
+            && l.contains("missing.key")
+            && l.contains("keeping the last good web configuration")),
+        "{log}"
+    );
+    // The same broken version is reported once, not on every connection.
+    assert_eq!(log.matches("missing.key").count(), 1, "{log}");
+
+    // Fixed again: plain HTTP with basic auth (TLS off) is taken.
+    let hash = bcrypt::hash("pw", 4)?;
+    write(
+        dir.path(),
+        "web.yml",
+        &format!("basic_auth_users:\n  u: '{hash}'\n"),
+    )?;
+    let plain = Client::default().with_auth("u", "pw");
+    wait_until(TIMEOUT, Duration::from_millis(100), || {
+        Ok(plain
+            .get(&ns, agent_addr(), "/metrics")
+            .is_ok_and(|r| r.status == 200))
+    })?;
+    assert_eq!(
+        Client::default()
+            .with_auth("u", "nope")
+            .get(&ns, agent_addr(), "/metrics")?
+            .status,
+        401
+    );
+    Ok(())
+}
+
+/// Bad files at start: exit 1, and stderr names the file and the problem. No root needed:
+/// the file is read before anything else.
+#[test]
+fn invalid_web_config_exits_1_naming_file_and_problem() -> Result<()> {
+    let dir = TempDir::new("web-invalid")?;
+    let pki = Pki::new("CA")?;
+    server_files(&pki, dir.path())?;
+    let cases = [
+        (
+            "unknown.yml",
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  cert_fil: x\n",
+            "unknown field `cert_fil`",
+        ),
+        (
+            "nokey.yml",
+            "tls_server_config:\n  cert_file: server.crt\n",
+            "key_file",
+        ),
+        (
+            "missing.yml",
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: absent.key\n",
+            "absent.key",
+        ),
+        (
+            "hash.yml",
+            "basic_auth_users:\n  prometheus: secret\n",
+            "not a bcrypt hash",
+        ),
+        (
+            "notpem.yml",
+            "tls_server_config:\n  cert_file: notpem.yml\n  key_file: server.key\n",
+            "no PEM certificate",
+        ),
+        (
+            "version.yml",
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  min_version: TLS11\n",
+            "TLS12 or TLS13",
+        ),
+    ];
+    for (name, text, problem) in cases {
+        let path = write(dir.path(), name, text)?;
+        let out = Command::new(AGENT)
+            .arg("--web.config.file")
+            .arg(&path)
+            .arg("--web.listen-address=127.0.0.1:0")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()) && stderr.contains(problem),
+            "{name}: {stderr}"
+        );
+    }
+    let absent = dir.path().join("absent.yml");
+    let out = Command::new(AGENT)
+        .arg("--web.config.file")
+        .arg(&absent)
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&absent.display().to_string()) && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
+}
+
+/// 100 concurrent scrapes while random-source SYNs flood the agent's own port: every scrape
+/// gets the page, and neither the page nor the agent's memory grows much.
+#[test]
+fn concurrent_scrapes_during_a_syn_flood_all_answered_and_bounded() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = VethLab::new()?;
+    let addr = SocketAddr::new(lab.server_ip(false), 9844);
+    let agent = AgentProcess::start(
+        &lab.server,
+        Path::new(AGENT),
+        &["--web.max-requests=100"],
+        addr,
+    )?;
+    let pid = agent.pid();
+    let netns = lab.server.inode().to_string();
+    // Warm up: every series family the flood touches exists once, allocator pools and the
+    // page buffer have grown.
+    lab.syn_flood(addr, 10, None)?;
+    let mut before = 0;
+    for _ in 0..5 {
+        before = agent.scrape()?.own_series_count(&netns);
+    }
+    let rss_before = rss_kib(pid)?;
+
+    let (flooded, statuses) = std::thread::scope(|s| -> Result<(usize, Vec<u16>)> {
+        let flood = s.spawn(|| lab.syn_flood(addr, 30_000, None));
+        let scrapers: Vec<_> = (0..100)
+            .map(|_| s.spawn(|| http_get(&lab.server, addr, "/metrics").map(|(c, _)| c)))
+            .collect();
+        let statuses = scrapers
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("scraper panicked"))?)
+            .collect::<Result<Vec<_>>>()?;
+        let flooded = flood.join().map_err(|_| anyhow!("flood panicked"))??;
+        Ok((flooded, statuses))
+    })?;
+    assert!(flooded > 1_000, "only {flooded} SYNs went out");
+    assert_eq!(statuses.len(), 100);
+    assert!(statuses.iter().all(|&c| c == 200), "{statuses:?}");
+
+    let (_, page) = agent.get("/metrics")?;
+    let after = testkit::Metrics::parse(&page)?.own_series_count(&netns);
+    let rss_after = rss_kib(pid)?;
+    eprintln!(
+        "series {before} → {after}; page {} bytes; RSS {rss_before} → {rss_after} KiB; \
+         {flooded} SYNs",
+        page.len()
+    );
+    assert!(
+        after <= before + 20,
+        "the agent's own series grew from {before} to {after}"
+    );
+    // Other tests' namespaces add to the page; even so it stays far from this.
+    assert!(page.len() < 4 << 20, "the page has {} bytes", page.len());
+    assert!(
+        rss_after <= rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    Ok(())
+}
+
+/// 50 connections that send nothing (or half a request) do not stop other scrapes, and
+/// are closed once the header deadline (10 s) passes.
+#[test]
+fn idle_and_slow_clients_do_not_block_scrapes() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let held = ns.run(|| -> Result<Vec<TcpStream>> {
+        (0..50)
+            .map(|i| {
+                let mut s = TcpStream::connect_timeout(&agent_addr(), TIMEOUT)?;
+                if i % 2 == 0 {
+                    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")?;
+                }
+                Ok(s)
+            })
+            .collect()
+    })??;
+    let started = Instant::now();
+    for _ in 0..5 {
+        let (status, body) = agent.get("/metrics")?;
+        assert_eq!(status, 200);
+        assert!(body.contains("sockscope_build_info"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "5 scrapes took {:?} beside 50 idle connections",
+        started.elapsed()
+    );
+    // The server hangs up on each idle one after the header deadline.
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = Vec::new();
+        let n = s.read_to_end(&mut buf);
+        assert!(
+            n.is_ok()
+                || n.as_ref()
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+            "an idle connection stayed open: {n:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Garbage, huge headers, wrong methods and gzip: the agent answers each sensibly and
+/// keeps serving; the gzip page decodes to the plain one.
+#[test]
+fn malformed_requests_methods_and_gzip() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let raw = |bytes: &[u8]| -> Result<Vec<u8>> {
+        ns.run(|| -> Result<Vec<u8>> {
+            let mut s = TcpStream::connect_timeout(&agent_addr(), TIMEOUT)?;
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            // The server may hang up before taking everything: that is an answer too.
+            let _ = s.write_all(bytes);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            Ok(out)
+        })?
+    };
+    let mut garbage = vec![0u8; 4096];
+    for (i, b) in garbage.iter_mut().enumerate() {
+        *b = (i * 7919 % 251) as u8;
+    }
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("binary garbage", garbage, Some("400")),
+        ("huge header", huge.into_bytes(), Some("431")),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            None,
+        ),
+        ("bad request line", b"GET\r\n\r\n".to_vec(), Some("400")),
+        ("bare CRLFs", b"\r\n\r\n\r\n\r\n".to_vec(), None),
+        (
+            "bad content length",
+            b"GET /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+            Some("400"),
+        ),
+    ];
+    for (what, bytes, status) in cases {
+        let answer = raw(&bytes)?;
+        let text = String::from_utf8_lossy(&answer);
+        if let Some(status) = status {
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status}")),
+                "{what}: {text}"
+            );
+        }
+        assert!(
+            !text.contains("sockscope_build_info"),
+            "{what} got the page"
+        );
+    }
+
+    for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+        let r = Client {
+            method: Some(method),
+            ..Client::default()
+        }
+        .get(&ns, agent_addr(), "/metrics")?;
+        assert_eq!(r.status, 405, "{method}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method}");
+    }
+    let head = Client {
+        method: Some("HEAD"),
+        ..Client::default()
+    }
+    .get(&ns, agent_addr(), "/metrics")?;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+
+    let plain = Client::default().get(&ns, agent_addr(), "/metrics")?;
+    let gzipped = Client {
+        headers: vec!["Accept-Encoding: gzip, deflate".to_owned()],
+        ..Client::default()
+    }
+    .get(&ns, agent_addr(), "/metrics")?;
+    assert_eq!(gzipped.status, 200);
+    assert_eq!(gzipped.header("content-encoding"), Some("gzip"));
+    assert_eq!(plain.header("content-encoding"), None);
+    let mut decoded = String::new();
+    flate2::read::GzDecoder::new(&gzipped.body[..]).read_to_string(&mut decoded)?;
+    assert!(gzipped.body.len() < decoded.len() / 2);
+    // Two scrapes differ in values (scrape counters, durations), not in their series.
+    let series = |page: &str| -> Result<Vec<String>> {
+        let parsed = testkit::Metrics::parse(page)?;
+        let mut names: Vec<String> = parsed.samples().iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    };
+    assert_eq!(series(&decoded)?, series(&plain.text())?);
+
+    // Alive and serving after all of it.
+    let (status, _) = agent.get("/metrics")?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+/// With one request allowed in flight, a second one while a slow bcrypt check runs gets
+/// 503 at once instead of queueing.
+#[test]
+fn requests_beyond_the_cap_get_503_at_once() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-cap")?;
+    // Cost 15: seconds per check, long enough to overlap the second request.
+    let hash = bcrypt::hash("pw", 15)?;
+    let config = write(
+        dir.path(),
+        "web.yml",
+        &format!("basic_auth_users:\n  u: '{hash}'\n"),
+    )?;
+    let ns = Netns::new()?;
+    let any = Client::default().with_auth("u", "wrong");
+    let mut cmd = Command::new(AGENT);
+    cmd.arg("--web.config.file")
+        .arg(&config)
+        .arg("--web.max-requests=1");
+    // Healthy when it answers at all (401 without the right password).
+    let _agent = AgentProcess::start_command_with_probe(&ns, cmd, agent_addr(), &|ns, a, _| {
+        let r = Client::default().get(ns, a, "/healthz")?;
+        Ok((if r.status == 401 { 200 } else { r.status }, r.text()))
+    })?;
+    std::thread::scope(|s| -> Result<()> {
+        let slow = s.spawn(|| any.get(&ns, agent_addr(), "/metrics"));
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let second = Client::default().get(&ns, agent_addr(), "/healthz")?;
+        let took = started.elapsed();
+        let first = slow.join().map_err(|_| anyhow!("panicked"))??;
+        assert_eq!(first.status, 401);
+        assert_eq!(second.status, 503, "{}", second.text());
+        assert_eq!(second.header("retry-after"), Some("1"));
+        assert!(took < Duration::from_secs(2), "the 503 took {took:?}");
+        Ok(())
+    })
+}
