@@ -46,6 +46,17 @@ pub enum Command {
     Check(CheckArgs),
     /// Show every TCP listener with its queues, its drops during an interval and a diagnosis.
     Listeners(ListenersArgs),
+    /// Read a password from standard input and print its bcrypt hash for basic_auth_users.
+    HashPassword(HashPasswordArgs),
+}
+
+/// Options of `sockscope hash-password`.
+#[derive(Clone, Debug, Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost: each step doubles the time of a check (10 takes tens of milliseconds;
+    /// the agent checks each user and password once, then caches the outcome).
+    #[arg(long, value_name = "COST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub cost: u32,
 }
 
 /// Options of `sockscope run`.

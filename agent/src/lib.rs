@@ -45,6 +45,7 @@ pub fn main() -> ExitCode {
             init_logging("error");
             listeners_cmd::main(&args)
         }
+        Some(cli::Command::HashPassword(args)) => web::hash_password::main(&args),
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),
     }

@@ -783,3 +783,34 @@ fn requests_beyond_the_cap_get_503_at_once() -> Result<()> {
         Ok(())
     })
 }
+
+/// `sockscope hash-password` prints a hash the agent's basic auth accepts.
+#[test]
+fn hash_password_prints_a_bcrypt_hash() -> Result<()> {
+    use std::process::Stdio;
+    let run = |input: &str| -> Result<std::process::Output> {
+        let mut child = Command::new(AGENT)
+            .args(["hash-password", "--cost", "4"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("no stdin"))?
+            .write_all(input.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    };
+    let out = run("correct horse\n")?;
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout)?;
+    let hash = hash.trim();
+    assert!(hash.starts_with("$2b$04$"), "{hash}");
+    assert!(bcrypt::verify("correct horse", hash)?);
+    assert!(agent::web::parse(&format!("basic_auth_users:\n  u: '{hash}'\n")).is_ok());
+    let empty = run("\n")?;
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no password"));
+    Ok(())
+}

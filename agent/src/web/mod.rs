@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod hash_password;
 pub mod state;
 
 pub use config::{ConfigError, WebConfig, parse};
