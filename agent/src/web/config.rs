@@ -467,6 +467,22 @@ mod tests {
         }
     }
 
+    /// The README's example is a valid file.
+    #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("### Web configuration").expect("section")..];
+        let start = section.find("```yaml\n").expect("yaml block") + "```yaml\n".len();
+        let end = start + section[start..].find("```").expect("block end");
+        let config = parse(&section[start..end]).expect("the README example parses");
+        assert!(config.tls_server_config.is_some());
+        let hash = &config.basic_auth_users["prometheus"];
+        assert_eq!(
+            bcrypt::verify("correct horse battery staple", hash).ok(),
+            Some(true)
+        );
+    }
+
     #[test]
     fn known_cipher_suites_are_offered_by_rustls() {
         let provider = rustls::crypto::ring::default_provider();
