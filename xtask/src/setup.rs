@@ -25,7 +25,20 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn ensure_all() -> Result<()> {
     ensure_packages().context("setup step: Debian packages")?;
     ensure_nightly().context("setup step: Rust nightly with rust-src")?;
-    ensure_bpf_linker().context("setup step: bpf-linker")
+    ensure_bpf_linker().context("setup step: bpf-linker")?;
+    ensure_cargo_fuzz().context("setup step: cargo-fuzz")
+}
+
+/// `cargo fuzz` runs the fuzz targets (`cargo xtask fuzz`, and `cargo xtask test`).
+fn ensure_cargo_fuzz() -> Result<()> {
+    let installed = tool("cargo-fuzz", "--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz (runs the fuzz targets; about two minutes)");
+    run_checked(&mut cargo("install cargo-fuzz --locked"))
 }
 
 fn ensure_packages() -> Result<()> {
