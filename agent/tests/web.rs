@@ -824,3 +824,53 @@ fn hash_password_prints_a_bcrypt_hash() -> Result<()> {
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no password"));
     Ok(())
 }
+
+/// `RequireAnyClientCert`: a certificate from any issuer is taken (the client still proves
+/// it holds the key), none is refused; `VerifyClientCertIfGiven` takes no certificate but
+/// refuses a foreign one.
+#[test]
+fn any_client_cert_and_verify_if_given() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-anycert")?;
+    let server_pki = Pki::new("server CA")?;
+    let client_pki = Pki::new("client CA")?;
+    let foreign_pki = Pki::new("foreign CA")?;
+    server_files(&server_pki, dir.path())?;
+    write(dir.path(), "clients.crt", &client_pki.ca_pem)?;
+    let bare = Client::tls(&server_pki)?;
+    let foreign = Client {
+        cert: Some(foreign_pki.leaf("anyone")?),
+        ..bare.clone()
+    };
+    let known = Client {
+        cert: Some(client_pki.leaf("prometheus")?),
+        ..bare.clone()
+    };
+
+    let config = write(
+        dir.path(),
+        "any.yml",
+        &format!("{TLS}  client_auth_type: RequireAnyClientCert\n"),
+    )?;
+    let ns = Netns::new()?;
+    let agent = start(&ns, &config, &foreign, &[], agent_addr())?;
+    assert_eq!(foreign.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    assert!(bare.get(&ns, agent_addr(), "/metrics").is_err());
+    drop(agent);
+
+    let config = write(
+        dir.path(),
+        "if-given.yml",
+        &format!(
+            "{TLS}  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: clients.crt\n"
+        ),
+    )?;
+    let ns = Netns::new()?;
+    let _agent = start(&ns, &config, &bare, &[], agent_addr())?;
+    assert_eq!(bare.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    assert_eq!(known.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    assert!(foreign.get(&ns, agent_addr(), "/metrics").is_err());
+    Ok(())
+}
