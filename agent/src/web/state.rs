@@ -392,3 +392,119 @@ impl ClientCertVerifier for AnyClientCert {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let path =
+            std::env::temp_dir().join(format!("sockscope-web-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("temp dir");
+        Dir(path)
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text).expect("write");
+        fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+
+    fn self_signed(dir: &Path) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        write(dir, "server.crt", &cert.pem());
+        write(dir, "server.key", &key.serialize_pem());
+    }
+
+    #[test]
+    fn reloads_on_change_and_keeps_the_last_good_config() {
+        let d = dir("reload");
+        self_signed(&d.0);
+        let config = d.0.join("web.yml");
+        write(
+            &d.0,
+            "web.yml",
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+        );
+        let state = WebState::load(&config).expect("valid");
+        let first = state.current();
+        assert!(first.tls.is_some() && first.auth.is_none());
+        assert!(
+            Arc::ptr_eq(&first, &state.current()),
+            "unchanged: same config"
+        );
+
+        self_signed(&d.0);
+        let rotated = state.current();
+        assert!(
+            !Arc::ptr_eq(&first, &rotated),
+            "a new certificate is a new config"
+        );
+
+        write(
+            &d.0,
+            "web.yml",
+            "tls_server_config: {cert_file: server.crt}\n",
+        );
+        assert!(
+            Arc::ptr_eq(&rotated, &state.current()),
+            "invalid: the last good stays"
+        );
+        assert!(state.current().tls.is_some());
+
+        let hash = bcrypt::hash("pw", 4).expect("hash");
+        write(
+            &d.0,
+            "web.yml",
+            &format!("basic_auth_users:\n  u: '{hash}'\n"),
+        );
+        let plain = state.current();
+        assert!(plain.tls.is_none() && plain.auth.is_some());
+
+        fs::remove_file(&config).expect("remove");
+        assert!(
+            Arc::ptr_eq(&plain, &state.current()),
+            "a vanished file keeps the config"
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let d = dir("errors");
+        let config = d.0.join("web.yml");
+        write(
+            &d.0,
+            "web.yml",
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+        );
+        let e = WebState::load(&config).expect_err("no certificate files");
+        assert!(
+            e.contains(&config.display().to_string()) && e.contains("server.crt"),
+            "{e}"
+        );
+        write(&d.0, "server.crt", "not PEM\n");
+        write(&d.0, "server.key", "not PEM\n");
+        let e = WebState::load(&config).expect_err("not PEM");
+        assert!(e.contains("no PEM certificate"), "{e}");
+        self_signed(&d.0);
+        let other = d.0.join("other");
+        fs::create_dir_all(&other).expect("dir");
+        self_signed(&other);
+        fs::rename(other.join("server.key"), d.0.join("server.key")).expect("swap key");
+        let e = WebState::load(&config).expect_err("key of another certificate");
+        assert!(e.contains("certificate and key"), "{e}");
+    }
+}
