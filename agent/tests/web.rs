@@ -6,18 +6,14 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
-use base64::Engine as _;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls::{
-    ClientConfig, ClientConnection, RootCertStore, StreamOwned, SupportedProtocolVersion,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
+use anyhow::{Context, Result, anyhow};
+use rustls::SupportedProtocolVersion;
+use testkit::{
+    AgentProcess, Netns, Pki, TempDir, VethLab, WebClient, http_get, require_root, wait_until,
 };
-use testkit::{AgentProcess, Netns, TempDir, VethLab, http_get, require_root, wait_until};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,190 +22,11 @@ fn agent_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9844))
 }
 
-/// A certificate authority made for one test.
-struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Result<Self> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let ca_pem = params.self_signed(&key)?.pem();
-        Ok(Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// A leaf certificate for 127.0.0.1 (server or client): (cert PEM, key PEM).
-    fn leaf(&self, name: &str) -> Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params.distinguished_name.push(DnType::CommonName, name);
-        Ok((
-            params.signed_by(&key, &self.issuer)?.pem(),
-            key.serialize_pem(),
-        ))
-    }
-
-    fn roots(&self) -> Result<RootCertStore> {
-        let mut roots = RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes())?)?;
-        Ok(roots)
-    }
-}
-
-/// How a test client talks to the agent.
-#[derive(Clone, Default)]
-struct Client {
-    /// TLS with these roots; plain HTTP when None.
-    roots: Option<RootCertStore>,
-    /// Client certificate and key (PEM).
-    cert: Option<(String, String)>,
-    /// TLS versions offered; both when None.
-    versions: Option<&'static [&'static SupportedProtocolVersion]>,
-    /// Basic auth user and password.
-    auth: Option<(String, String)>,
-    /// Extra request header lines.
-    headers: Vec<String>,
-    method: Option<&'static str>,
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.split("\r\n").skip(1).find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-impl Client {
-    fn tls(pki: &Pki) -> Result<Self> {
-        Ok(Self {
-            roots: Some(pki.roots()?),
-            ..Self::default()
-        })
-    }
-
-    fn with_auth(mut self, user: &str, password: &str) -> Self {
-        self.auth = Some((user.to_owned(), password.to_owned()));
-        self
-    }
-
-    fn config(&self) -> Result<Option<Arc<ClientConfig>>> {
-        let Some(roots) = &self.roots else {
-            return Ok(None);
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(self.versions.unwrap_or(rustls::ALL_VERSIONS))?
-            .with_root_certificates(roots.clone());
-        let config = match &self.cert {
-            Some((cert, key)) => builder.with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(cert.as_bytes())?],
-                PrivateKeyDer::from_pem_slice(key.as_bytes())?,
-            )?,
-            None => builder.with_no_client_auth(),
-        };
-        Ok(Some(Arc::new(config)))
-    }
-
-    /// One request on a new connection, inside `ns`.
-    fn get(&self, ns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
-        let config = self.config()?;
-        let mut request = format!(
-            "{} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
-            self.method.unwrap_or("GET")
-        );
-        if let Some((user, password)) = &self.auth {
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            request.push_str(&format!("Authorization: Basic {token}\r\n"));
-        }
-        for line in &self.headers {
-            request.push_str(line);
-            request.push_str("\r\n");
-        }
-        request.push_str("\r\n");
-        ns.run(|| -> Result<Response> {
-            let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).context("connect")?;
-            tcp.set_read_timeout(Some(TIMEOUT))?;
-            tcp.set_write_timeout(Some(TIMEOUT))?;
-            let raw = match config {
-                Some(config) => {
-                    let conn = ClientConnection::new(config, ServerName::from(addr.ip()))?;
-                    exchange(StreamOwned::new(conn, tcp), &request)?
-                }
-                None => exchange(tcp, &request)?,
-            };
-            parse(&raw)
-        })?
-    }
-}
-
-/// Sends the request and reads to the end (a TLS peer that closes without close_notify
-/// ends the response too).
-fn exchange(mut stream: impl Read + Write, request: &str) -> Result<Vec<u8>> {
-    stream.write_all(request.as_bytes()).context("send")?;
-    stream.flush()?;
-    let mut raw = Vec::new();
-    match stream.read_to_end(&mut raw) {
-        Ok(_) => Ok(raw),
-        Err(e) if e.kind() == ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
-        Err(e) => Err(e).context("read the response"),
-    }
-}
-
-fn parse(raw: &[u8]) -> Result<Response> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("no complete response head in {} bytes", raw.len()))?;
-    let head = String::from_utf8(raw[..end].to_vec())?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
-    let mut response = Response {
-        status,
-        head,
-        body: raw[end + 4..].to_vec(),
-    };
-    if let Some(len) = response.header("content-length") {
-        let len: usize = len.parse()?;
-        if response.body.len() < len {
-            bail!("body truncated: {} of {len}", response.body.len());
-        }
-        response.body.truncate(len);
-    }
-    Ok(response)
-}
-
 /// Writes the web config and starts the agent with it, healthy as seen by `client`.
 fn start(
     ns: &Netns,
     config: &Path,
-    client: &Client,
+    client: &WebClient,
     extra: &[&str],
     listen: SocketAddr,
 ) -> Result<AgentProcess> {
@@ -257,7 +74,7 @@ fn tls_scrape_needs_the_right_ca_and_refuses_plain_http() -> Result<()> {
         &format!("{TLS}http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"),
     )?;
     let ns = Netns::new()?;
-    let client = Client::tls(&pki)?;
+    let client = WebClient::tls(&pki)?;
     let agent = start(&ns, &config, &client, &[], agent_addr())?;
 
     let page = client.get(&ns, agent_addr(), "/metrics")?;
@@ -267,7 +84,7 @@ fn tls_scrape_needs_the_right_ca_and_refuses_plain_http() -> Result<()> {
     assert!(agent.log().contains("https://127.0.0.1:9844/metrics"));
 
     let stranger = Pki::new("another CA")?;
-    let err = Client::tls(&stranger)?
+    let err = WebClient::tls(&stranger)?
         .get(&ns, agent_addr(), "/metrics")
         .expect_err("a server certificate from another CA must not be trusted");
     assert!(format!("{err:#}").contains("certificate"), "{err:#}");
@@ -297,18 +114,18 @@ fn basic_auth_wrong_password_401_right_one_200() -> Result<()> {
         &format!("{TLS}basic_auth_users:\n  prometheus: '{hash}'\n"),
     )?;
     let ns = Netns::new()?;
-    let good = Client::tls(&pki)?.with_auth("prometheus", "correct horse");
+    let good = WebClient::tls(&pki)?.with_auth("prometheus", "correct horse");
     let _agent = start(&ns, &config, &good, &[], agent_addr())?;
 
     for (who, client) in [
-        ("no credentials", Client::tls(&pki)?),
+        ("no credentials", WebClient::tls(&pki)?),
         (
             "wrong password",
-            Client::tls(&pki)?.with_auth("prometheus", "battery staple"),
+            WebClient::tls(&pki)?.with_auth("prometheus", "battery staple"),
         ),
         (
             "unknown user",
-            Client::tls(&pki)?.with_auth("grafana", "correct horse"),
+            WebClient::tls(&pki)?.with_auth("grafana", "correct horse"),
         ),
     ] {
         let r = client.get(&ns, agent_addr(), "/metrics")?;
@@ -348,30 +165,30 @@ fn client_certificate_required_and_tls13_only() -> Result<()> {
         ),
     )?;
     let ns = Netns::new()?;
-    let with_cert = Client {
+    let with_cert = WebClient {
         cert: Some(client_pki.leaf("prometheus")?),
-        ..Client::tls(&server_pki)?
+        ..WebClient::tls(&server_pki)?
     };
     let _agent = start(&ns, &config, &with_cert, &[], agent_addr())?;
 
     let r = with_cert.get(&ns, agent_addr(), "/metrics")?;
     assert_eq!(r.status, 200);
 
-    let without = Client::tls(&server_pki)?.get(&ns, agent_addr(), "/metrics");
+    let without = WebClient::tls(&server_pki)?.get(&ns, agent_addr(), "/metrics");
     assert!(
         without.is_err(),
         "a client without a certificate was served: {without:?}"
     );
-    let foreign = Client {
+    let foreign = WebClient {
         cert: Some(server_pki.leaf("intruder")?),
-        ..Client::tls(&server_pki)?
+        ..WebClient::tls(&server_pki)?
     }
     .get(&ns, agent_addr(), "/metrics");
     assert!(
         foreign.is_err(),
         "a certificate from another CA was accepted: {foreign:?}"
     );
-    let tls12 = Client {
+    let tls12 = WebClient {
         versions: Some(TLS12_ONLY),
         ..with_cert.clone()
     }
@@ -392,12 +209,12 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
     server_files(&old, dir.path())?;
     let config = write(dir.path(), "web.yml", TLS)?;
     let ns = Netns::new()?;
-    let old_client = Client::tls(&old)?;
+    let old_client = WebClient::tls(&old)?;
     let agent = start(&ns, &config, &old_client, &[], agent_addr())?;
     assert_eq!(old_client.get(&ns, agent_addr(), "/metrics")?.status, 200);
 
     let new = Pki::new("new CA")?;
-    let new_client = Client::tls(&new)?;
+    let new_client = WebClient::tls(&new)?;
     server_files(&new, dir.path())?;
     wait_until(TIMEOUT, Duration::from_millis(100), || {
         Ok(new_client.get(&ns, agent_addr(), "/healthz").is_ok())
@@ -438,14 +255,14 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
         "web.yml",
         &format!("basic_auth_users:\n  u: '{hash}'\n"),
     )?;
-    let plain = Client::default().with_auth("u", "pw");
+    let plain = WebClient::default().with_auth("u", "pw");
     wait_until(TIMEOUT, Duration::from_millis(100), || {
         Ok(plain
             .get(&ns, agent_addr(), "/metrics")
             .is_ok_and(|r| r.status == 200))
     })?;
     assert_eq!(
-        Client::default()
+        WebClient::default()
             .with_auth("u", "nope")
             .get(&ns, agent_addr(), "/metrics")?
             .status,
@@ -699,26 +516,26 @@ fn malformed_requests_methods_and_gzip() -> Result<()> {
     }
 
     for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
-        let r = Client {
+        let r = WebClient {
             method: Some(method),
-            ..Client::default()
+            ..WebClient::default()
         }
         .get(&ns, agent_addr(), "/metrics")?;
         assert_eq!(r.status, 405, "{method}");
         assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method}");
     }
-    let head = Client {
+    let head = WebClient {
         method: Some("HEAD"),
-        ..Client::default()
+        ..WebClient::default()
     }
     .get(&ns, agent_addr(), "/metrics")?;
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
 
-    let plain = Client::default().get(&ns, agent_addr(), "/metrics")?;
-    let gzipped = Client {
+    let plain = WebClient::default().get(&ns, agent_addr(), "/metrics")?;
+    let gzipped = WebClient {
         headers: vec!["Accept-Encoding: gzip, deflate".to_owned()],
-        ..Client::default()
+        ..WebClient::default()
     }
     .get(&ns, agent_addr(), "/metrics")?;
     assert_eq!(gzipped.status, 200);
@@ -759,14 +576,14 @@ fn requests_beyond_the_cap_get_503_at_once() -> Result<()> {
         &format!("basic_auth_users:\n  u: '{hash}'\n"),
     )?;
     let ns = Netns::new()?;
-    let any = Client::default().with_auth("u", "wrong");
+    let any = WebClient::default().with_auth("u", "wrong");
     let mut cmd = Command::new(AGENT);
     cmd.arg("--web.config.file")
         .arg(&config)
         .arg("--web.max-requests=1");
     // Healthy when it answers at all (401 without the right password).
     let _agent = AgentProcess::start_command_with_probe(&ns, cmd, agent_addr(), &|ns, a, _| {
-        let r = Client::default().get(ns, a, "/healthz")?;
+        let r = WebClient::default().get(ns, a, "/healthz")?;
         Ok((if r.status == 401 { 200 } else { r.status }, r.text()))
     })?;
     std::thread::scope(|s| -> Result<()> {
@@ -776,7 +593,7 @@ fn requests_beyond_the_cap_get_503_at_once() -> Result<()> {
         let mut refused = None;
         while !slow.is_finished() {
             let started = Instant::now();
-            let r = Client::default().get(&ns, agent_addr(), "/healthz")?;
+            let r = WebClient::default().get(&ns, agent_addr(), "/healthz")?;
             if r.status == 503 {
                 refused = Some((r, started.elapsed()));
                 break;
@@ -839,12 +656,12 @@ fn any_client_cert_and_verify_if_given() -> Result<()> {
     let foreign_pki = Pki::new("foreign CA")?;
     server_files(&server_pki, dir.path())?;
     write(dir.path(), "clients.crt", &client_pki.ca_pem)?;
-    let bare = Client::tls(&server_pki)?;
-    let foreign = Client {
+    let bare = WebClient::tls(&server_pki)?;
+    let foreign = WebClient {
         cert: Some(foreign_pki.leaf("anyone")?),
         ..bare.clone()
     };
-    let known = Client {
+    let known = WebClient {
         cert: Some(client_pki.leaf("prometheus")?),
         ..bare.clone()
     };

@@ -7,6 +7,8 @@
 //!   kernel's own counters ([`Counters`], [`Sockstat`]) and process spawning inside it.
 //! - [`AgentProcess`]: the agent binary running in a namespace, with its log and `/metrics`.
 //! - [`http_get`], [`Metrics`]: a tiny HTTP/1.1 client and a Prometheus text parser.
+//! - [`WebClient`], [`Pki`]: requests with TLS, client certificates and basic auth, and
+//!   throwaway certificate authorities.
 //! - [`connect_closed_port`], [`tcp_pair`]: traffic helpers for use inside [`Netns::run`].
 //! - [`Netns::veth_pair`], [`Netns::add_address`], [`Netns::add_route`]…: links, addresses,
 //!   routes and neighbours over rtnetlink; [`Netns::tcp_sockets`]: `/proc/net/tcp{,6}`.
@@ -31,6 +33,7 @@ mod scenarios;
 mod sockets;
 mod synflood;
 mod tempdir;
+mod tls;
 mod traffic;
 
 use std::time::{Duration, Instant};
@@ -52,6 +55,7 @@ pub use scenarios::{
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
 pub use tempdir::TempDir;
+pub use tls::{Pki, WebClient, WebResponse};
 pub use traffic::{connect_closed_port, tcp_pair};
 
 /// Calls `f` every `interval` until it returns `Ok(true)`; errors on timeout or on `f`'s error.
