@@ -25,6 +25,8 @@
 //!   node_exporter's netstat and sockstat collectors (/metrics with 10,000 listeners), bpftrace
 //!   with a tracepoint-only script (its cost on the churn), and bcc's `tcpsynbl` (needs
 //!   kprobes). A tool that cannot run here is reported so, with the reason; nothing is faked.
+//! - `web`: /metrics latency and size over plain HTTP, gzip, TLS and TLS with basic auth
+//!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
@@ -41,6 +43,8 @@ mod peers;
 mod resets;
 #[path = "sockscope-bench/synflood.rs"]
 mod synflood;
+#[path = "sockscope-bench/web.rs"]
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,6 +112,8 @@ enum Section {
     Listeners,
     /// node_exporter, bpftrace and bcc's tcpsynbl beside the agent, where they can run
     Peers,
+    /// /metrics over plain HTTP, gzip, TLS and TLS with basic auth
+    Web,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +165,7 @@ fn run(args: &Args) -> Result<Vec<String>> {
             Section::Synflood => synflood::run(args),
             Section::Listeners => listeners::run(args),
             Section::Peers => peers::run(args),
+            Section::Web => web::run(args),
         };
         // One section that cannot run does not keep the others from reporting.
         match found.with_context(|| format!("section {section:?}")) {
