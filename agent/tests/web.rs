@@ -4,7 +4,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -39,20 +39,11 @@ fn start(
     })
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    // Through a rename, as certificate tools do, so the agent never reads half a file.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
-}
-
 /// Server certificate and key of `pki` written into `dir` as server.crt / server.key.
-fn server_files(pki: &Pki, dir: &Path) -> Result<()> {
+fn server_files(pki: &Pki, dir: &TempDir) -> Result<()> {
     let (cert, key) = pki.leaf("sockscope test server")?;
-    write(dir, "server.crt", &cert)?;
-    write(dir, "server.key", &key)?;
+    dir.write("server.crt", &cert)?;
+    dir.write("server.key", &key)?;
     Ok(())
 }
 
@@ -67,9 +58,8 @@ fn tls_scrape_needs_the_right_ca_and_refuses_plain_http() -> Result<()> {
     }
     let dir = TempDir::new("web-tls")?;
     let pki = Pki::new("sockscope test CA")?;
-    server_files(&pki, dir.path())?;
-    let config = write(
-        dir.path(),
+    server_files(&pki, &dir)?;
+    let config = dir.write(
         "web.yml",
         &format!("{TLS}http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"),
     )?;
@@ -106,10 +96,9 @@ fn basic_auth_wrong_password_401_right_one_200() -> Result<()> {
     }
     let dir = TempDir::new("web-auth")?;
     let pki = Pki::new("sockscope test CA")?;
-    server_files(&pki, dir.path())?;
+    server_files(&pki, &dir)?;
     let hash = bcrypt::hash("correct horse", 10)?;
-    let config = write(
-        dir.path(),
+    let config = dir.write(
         "web.yml",
         &format!("{TLS}basic_auth_users:\n  prometheus: '{hash}'\n"),
     )?;
@@ -154,10 +143,9 @@ fn client_certificate_required_and_tls13_only() -> Result<()> {
     let dir = TempDir::new("web-mtls")?;
     let server_pki = Pki::new("server CA")?;
     let client_pki = Pki::new("client CA")?;
-    server_files(&server_pki, dir.path())?;
-    write(dir.path(), "clients.crt", &client_pki.ca_pem)?;
-    let config = write(
-        dir.path(),
+    server_files(&server_pki, &dir)?;
+    dir.write("clients.crt", &client_pki.ca_pem)?;
+    let config = dir.write(
         "web.yml",
         &format!(
             "{TLS}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: clients.crt\n  \
@@ -206,8 +194,8 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
     }
     let dir = TempDir::new("web-reload")?;
     let old = Pki::new("old CA")?;
-    server_files(&old, dir.path())?;
-    let config = write(dir.path(), "web.yml", TLS)?;
+    server_files(&old, &dir)?;
+    let config = dir.write("web.yml", TLS)?;
     let ns = Netns::new()?;
     let old_client = WebClient::tls(&old)?;
     let agent = start(&ns, &config, &old_client, &[], agent_addr())?;
@@ -215,7 +203,7 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
 
     let new = Pki::new("new CA")?;
     let new_client = WebClient::tls(&new)?;
-    server_files(&new, dir.path())?;
+    server_files(&new, &dir)?;
     wait_until(TIMEOUT, Duration::from_millis(100), || {
         Ok(new_client.get(&ns, agent_addr(), "/healthz").is_ok())
     })
@@ -227,10 +215,9 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
     assert!(agent.log().contains("web configuration reloaded"));
 
     // A broken file, then a key that does not exist: the last good configuration stays.
-    write(dir.path(), "web.yml", "tls_server_config: [\n")?;
+    dir.write("web.yml", "tls_server_config: [\n")?;
     assert_eq!(new_client.get(&ns, agent_addr(), "/metrics")?.status, 200);
-    write(
-        dir.path(),
+    dir.write(
         "web.yml",
         "tls_server_config:\n  cert_file: server.crt\n  key_file: missing.key\n",
     )?;
@@ -250,11 +237,7 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
 
     // Fixed again: plain HTTP with basic auth (TLS off) is taken.
     let hash = bcrypt::hash("pw", 4)?;
-    write(
-        dir.path(),
-        "web.yml",
-        &format!("basic_auth_users:\n  u: '{hash}'\n"),
-    )?;
+    dir.write("web.yml", &format!("basic_auth_users:\n  u: '{hash}'\n"))?;
     let plain = WebClient::default().with_auth("u", "pw");
     wait_until(TIMEOUT, Duration::from_millis(100), || {
         Ok(plain
@@ -277,7 +260,7 @@ fn rotated_certificates_are_picked_up_and_invalid_changes_keep_the_last_good_con
 fn invalid_web_config_exits_1_naming_file_and_problem() -> Result<()> {
     let dir = TempDir::new("web-invalid")?;
     let pki = Pki::new("CA")?;
-    server_files(&pki, dir.path())?;
+    server_files(&pki, &dir)?;
     let cases = [
         (
             "unknown.yml",
@@ -311,7 +294,7 @@ fn invalid_web_config_exits_1_naming_file_and_problem() -> Result<()> {
         ),
     ];
     for (name, text, problem) in cases {
-        let path = write(dir.path(), name, text)?;
+        let path = dir.write(name, text)?;
         let out = Command::new(AGENT)
             .arg("--web.config.file")
             .arg(&path)
@@ -338,15 +321,6 @@ fn invalid_web_config_exits_1_naming_file_and_problem() -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
-}
-
 /// 100 concurrent scrapes while random-source SYNs flood the agent's own port: every scrape
 /// gets the page, and neither the page nor the agent's memory grows much.
 #[test]
@@ -362,7 +336,6 @@ fn concurrent_scrapes_during_a_syn_flood_all_answered_and_bounded() -> Result<()
         &["--web.max-requests=100"],
         addr,
     )?;
-    let pid = agent.pid();
     let netns = lab.server.inode().to_string();
     // Warm up: every series family the flood touches exists once, allocator pools and the
     // page buffer have grown.
@@ -371,7 +344,7 @@ fn concurrent_scrapes_during_a_syn_flood_all_answered_and_bounded() -> Result<()
     for _ in 0..5 {
         before = agent.scrape()?.own_series_count(&netns);
     }
-    let rss_before = rss_kib(pid)?;
+    let rss_before = agent.rss_kib()?;
 
     let (flooded, statuses) = std::thread::scope(|s| -> Result<(usize, Vec<u16>)> {
         let flood = s.spawn(|| lab.syn_flood(addr, 30_000, None));
@@ -391,7 +364,7 @@ fn concurrent_scrapes_during_a_syn_flood_all_answered_and_bounded() -> Result<()
 
     let (_, page) = agent.get("/metrics")?;
     let after = testkit::Metrics::parse(&page)?.own_series_count(&netns);
-    let rss_after = rss_kib(pid)?;
+    let rss_after = agent.rss_kib()?;
     eprintln!(
         "series {before} → {after}; page {} bytes; RSS {rss_before} → {rss_after} KiB; \
          {flooded} SYNs",
@@ -570,11 +543,7 @@ fn requests_beyond_the_cap_get_503_at_once() -> Result<()> {
     let dir = TempDir::new("web-cap")?;
     // Cost 15: seconds per check, long enough to overlap the second request.
     let hash = bcrypt::hash("pw", 15)?;
-    let config = write(
-        dir.path(),
-        "web.yml",
-        &format!("basic_auth_users:\n  u: '{hash}'\n"),
-    )?;
+    let config = dir.write("web.yml", &format!("basic_auth_users:\n  u: '{hash}'\n"))?;
     let ns = Netns::new()?;
     let any = WebClient::default().with_auth("u", "wrong");
     let mut cmd = Command::new(AGENT);
@@ -654,8 +623,8 @@ fn any_client_cert_and_verify_if_given() -> Result<()> {
     let server_pki = Pki::new("server CA")?;
     let client_pki = Pki::new("client CA")?;
     let foreign_pki = Pki::new("foreign CA")?;
-    server_files(&server_pki, dir.path())?;
-    write(dir.path(), "clients.crt", &client_pki.ca_pem)?;
+    server_files(&server_pki, &dir)?;
+    dir.write("clients.crt", &client_pki.ca_pem)?;
     let bare = WebClient::tls(&server_pki)?;
     let foreign = WebClient {
         cert: Some(foreign_pki.leaf("anyone")?),
@@ -666,8 +635,7 @@ fn any_client_cert_and_verify_if_given() -> Result<()> {
         ..bare.clone()
     };
 
-    let config = write(
-        dir.path(),
+    let config = dir.write(
         "any.yml",
         &format!("{TLS}  client_auth_type: RequireAnyClientCert\n"),
     )?;
@@ -677,8 +645,7 @@ fn any_client_cert_and_verify_if_given() -> Result<()> {
     assert!(bare.get(&ns, agent_addr(), "/metrics").is_err());
     drop(agent);
 
-    let config = write(
-        dir.path(),
+    let config = dir.write(
         "if-given.yml",
         &format!(
             "{TLS}  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: clients.crt\n"

@@ -151,6 +151,18 @@ impl AgentProcess {
         &self.netns
     }
 
+    /// The agent's resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+    }
+
     /// Path of the agent's log file (stdout and stderr).
     pub fn log_path(&self) -> &Path {
         &self.log_path

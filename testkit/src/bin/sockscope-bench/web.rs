@@ -5,7 +5,6 @@
 //! mode is measured against the same process. Each scrape is a new connection (TLS pays its
 //! handshake every time, as a Prometheus server whose keep-alive lapsed would).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,9 +25,9 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let dir = TempDir::new("bench-web")?;
     let pki = Pki::new("sockscope bench CA")?;
     let (cert, key) = pki.leaf("sockscope bench")?;
-    write(dir.path(), "server.crt", &cert)?;
-    write(dir.path(), "server.key", &key)?;
-    let config = write(dir.path(), "web.yml", "")?;
+    dir.write("server.crt", &cert)?;
+    dir.write("server.key", &key)?;
+    let config = dir.write("web.yml", "")?;
 
     let ns = Netns::new()?;
     let _listeners = open_listeners(&ns, LISTENERS)?;
@@ -57,8 +56,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let base = report("plain HTTP", &ns, &plain, k, limit, None)?;
     report("gzip", &ns, &gzip, k, limit, Some(base))?;
 
-    write(
-        dir.path(),
+    dir.write(
         "web.yml",
         "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
     )?;
@@ -67,8 +65,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     report("TLS", &ns, &tls, k, limit, Some(base))?;
 
     let hash = bcrypt::hash("bench password", COST)?;
-    write(
-        dir.path(),
+    dir.write(
         "web.yml",
         &format!(
             "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n\
@@ -92,14 +89,6 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         "(ratios are p50 against plain HTTP; the machine may be shared, so single figures are noisy)"
     );
     Ok(Vec::new())
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
 }
 
 /// Waits until the agent answers `client` (the reload happens on the next connection).
