@@ -658,3 +658,50 @@ fn any_client_cert_and_verify_if_given() -> Result<()> {
     assert!(foreign.get(&ns, agent_addr(), "/metrics").is_err());
     Ok(())
 }
+
+/// With `--web.max-connections 5`, five idle connections fill the server: a sixth is
+/// closed at once (no queueing), and once they go, scrapes are served again.
+#[test]
+fn connections_beyond_the_cap_are_closed_at_once() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let agent = AgentProcess::start(
+        &ns,
+        Path::new(AGENT),
+        &["--web.max-connections=5"],
+        agent_addr(),
+    )?;
+    // The health checks of the start-up may still hold their slots for a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let held = ns.run(|| -> Result<Vec<TcpStream>> {
+        (0..5)
+            .map(|_| Ok(TcpStream::connect_timeout(&agent_addr(), TIMEOUT)?))
+            .collect()
+    })??;
+    let refused = ns.run(|| -> Result<(usize, Duration)> {
+        let started = Instant::now();
+        let mut s = TcpStream::connect_timeout(&agent_addr(), TIMEOUT)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = Vec::new();
+        let n = match s.read_to_end(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((n, started.elapsed()))
+    })??;
+    assert_eq!(refused.0, 0, "the sixth connection was served");
+    assert!(
+        refused.1 < Duration::from_secs(2),
+        "closing took {:?}",
+        refused.1
+    );
+    drop(held);
+    wait_until(TIMEOUT, Duration::from_millis(50), || {
+        Ok(agent.get("/metrics").is_ok_and(|(status, _)| status == 200))
+    })?;
+    Ok(())
+}
