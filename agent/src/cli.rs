@@ -53,6 +53,8 @@ pub enum Command {
     /// Show the remote endpoints with the most TIME_WAIT sockets against the ephemeral ports
     /// available to them, in every network namespace.
     Timewait(TimewaitArgs),
+    /// Read a password from standard input and print its bcrypt hash for basic_auth_users.
+    HashPassword(HashPasswordArgs),
 }
 
 /// Options of `sockscope timewait`.
@@ -64,6 +66,15 @@ pub struct TimewaitArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Options of `sockscope hash-password`.
+#[derive(Clone, Debug, Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost: each step doubles the time of a check (10 takes tens of milliseconds;
+    /// the agent checks each user and password once, then caches the outcome).
+    #[arg(long, value_name = "COST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub cost: u32,
 }
 
 /// Options of `sockscope run`.
@@ -80,6 +91,16 @@ pub struct RunArgs {
         default_value = ":9844"
     )]
     pub listen_address: ListenAddress,
+    /// Web configuration (TLS, client certificates, basic auth, response headers) in the
+    /// Prometheus exporter-toolkit format; re-read when it or a file it names changes.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+    /// Requests handled at once; further requests get 503 until one ends.
+    #[arg(long = "web.max-requests", value_name = "N", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub web_max_requests: u32,
+    /// Connections open at once; further connections are closed at once.
+    #[arg(long = "web.max-connections", value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub web_max_connections: u32,
     /// Log level (error, warn, info, debug, trace); RUST_LOG, when set, takes precedence.
     #[arg(long = "log.level", value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: String,

@@ -22,6 +22,7 @@ pub mod run;
 pub mod server;
 pub mod timewait;
 pub mod timewait_cmd;
+pub mod web;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,7 @@ pub fn main() -> ExitCode {
             init_logging("error");
             timewait_cmd::main(&args)
         }
+        Some(cli::Command::HashPassword(args)) => web::hash_password::main(&args),
         // The flags were validated above; the run options are read again from the command
         // line and merged with --config.file.
         Some(cli::Command::Run(_)) | None => run_agent(),

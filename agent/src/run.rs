@@ -46,6 +46,9 @@ pub enum RunError {
         "missing capabilities: {0}; run as root or grant them (systemd AmbientCapabilities=, setcap)"
     )]
     Capabilities(String),
+    /// `--web.config.file` is unreadable or invalid.
+    #[error("{0}")]
+    WebConfig(String),
     /// Anything else at start-up.
     #[error("{0:#}")]
     Startup(anyhow::Error),
@@ -54,6 +57,11 @@ pub enum RunError {
 /// Runs the agent until a signal asks it to stop; SIGHUP reloads `--config.file`.
 pub fn run(loaded: Loaded) -> Result<(), RunError> {
     let args = &loaded.args;
+    // A bad web configuration is a usage error: refuse it before anything else.
+    let web = match &args.web_config_file {
+        Some(path) => crate::web::WebState::load(path).map_err(RunError::WebConfig)?,
+        None => crate::web::WebState::plain(),
+    };
     let missing = crate::caps::missing_required();
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
@@ -74,7 +82,7 @@ pub fn run(loaded: Loaded) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(loaded, listener))
+        .block_on(serve(loaded, listener, Arc::new(web)))
         .map_err(RunError::Startup)
 }
 
@@ -107,7 +115,11 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
     Ok(listener)
 }
 
-async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
+async fn serve(
+    loaded: Loaded,
+    listener: StdListener,
+    web: Arc<crate::web::WebState>,
+) -> anyhow::Result<()> {
     // Installed before anything answers: the default actions would end the agent without
     // detaching (a SIGTERM right after the first scrape did), and SIGHUP would end it too.
     let mut signals = Signals {
@@ -273,8 +285,19 @@ async fn serve(loaded: Loaded, listener: StdListener) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let address = listener.local_addr()?;
-    let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
-    tracing::info!(%address, "serving metrics on http://{address}/metrics");
+    let scheme = if web.is_tls() { "https" } else { "http" };
+    let web_limits = server::Limits {
+        max_requests: args.web_max_requests as usize,
+        max_connections: args.web_max_connections as usize,
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        Arc::clone(&metrics),
+        web,
+        web_limits,
+        stop_rx,
+    ));
+    tracing::info!(%address, "serving metrics on {scheme}://{address}/metrics");
 
     let mut live = reload::Live::new(
         loaded,

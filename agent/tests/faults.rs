@@ -18,10 +18,7 @@ fn agent_addr() -> SocketAddr {
 /// Series of the page that belong to `netns` or to no namespace (other tests' namespaces,
 /// which this agent also sees, are not counted).
 fn series_count(page: &testkit::Metrics, netns: &str) -> usize {
-    page.samples()
-        .iter()
-        .filter(|s| s.label("netns").is_none_or(|n| n == netns))
-        .count()
+    page.own_series_count(netns)
 }
 
 /// A port scan (2,000 closed ports) and a SYN flood from 20,000 spoofed source ports must not

@@ -26,6 +26,9 @@ const TAIL_LINES: usize = 40;
 /// Makes log file names unique within the process (the pid makes them unique across processes).
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Asks an agent in a namespace at an address for `/healthz` within a timeout: (status, body).
+pub type HealthProbe = dyn Fn(&Netns, SocketAddr, Duration) -> Result<(u16, String)>;
+
 /// A running agent in a namespace: stopped on drop, its stdout+stderr in a temp log file.
 ///
 /// The log file is removed on drop, except when the thread is panicking (a failed test): then
@@ -55,10 +58,19 @@ impl AgentProcess {
     }
 
     /// Like [`AgentProcess::start`] with a prepared command (env, working directory…).
-    pub fn start_command(
+    pub fn start_command(netns: &Netns, cmd: Command, listen: SocketAddr) -> Result<AgentProcess> {
+        Self::start_command_with_probe(netns, cmd, listen, &|ns, addr, timeout| {
+            http_get_timeout(ns, addr, "/healthz", timeout)
+        })
+    }
+
+    /// Like [`AgentProcess::start_command`], asking `probe` for the agent's `/healthz`
+    /// (status, body) instead of plain HTTP: for agents serving TLS or asking for a password.
+    pub fn start_command_with_probe(
         netns: &Netns,
         mut cmd: Command,
         listen: SocketAddr,
+        probe: &HealthProbe,
     ) -> Result<AgentProcess> {
         let (log_path, log) = create_log_file()?;
         let program = cmd.get_program().to_string_lossy().into_owned();
@@ -80,7 +92,7 @@ impl AgentProcess {
             listen,
             log_path,
         };
-        match agent.wait_healthy() {
+        match agent.wait_healthy(probe) {
             Ok(()) => Ok(agent),
             Err(err) => {
                 let stopped = agent.child.terminate(STOP_GRACE);
@@ -102,7 +114,7 @@ impl AgentProcess {
         }
     }
 
-    fn wait_healthy(&mut self) -> Result<()> {
+    fn wait_healthy(&mut self, probe: &HealthProbe) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last = String::from("no answer yet");
         loop {
@@ -114,7 +126,7 @@ impl AgentProcess {
                 bail!("/healthz not 200 within {START_TIMEOUT:?}; last: {last}");
             }
             let timeout = remaining.min(Duration::from_secs(2));
-            match http_get_timeout(&self.netns, self.listen, "/healthz", timeout) {
+            match probe(&self.netns, self.listen, timeout) {
                 Ok((200, _)) => return Ok(()),
                 Ok((code, body)) => last = format!("status {code}: {}", body.trim()),
                 Err(err) => last = format!("{:#}", err),
@@ -138,6 +150,18 @@ impl AgentProcess {
     /// The namespace the agent runs in.
     pub fn netns(&self) -> &Netns {
         &self.netns
+    }
+
+    /// The agent's resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
     }
 
     /// Path of the agent's log file (stdout and stderr).

@@ -7,6 +7,8 @@
 //!   kernel's own counters ([`Counters`], [`Sockstat`]) and process spawning inside it.
 //! - [`AgentProcess`]: the agent binary running in a namespace, with its log and `/metrics`.
 //! - [`http_get`], [`Metrics`]: a tiny HTTP/1.1 client and a Prometheus text parser.
+//! - [`WebClient`], [`Pki`]: requests with TLS, client certificates and basic auth, and
+//!   throwaway certificate authorities.
 //! - [`connect_closed_port`], [`tcp_pair`]: traffic helpers for use inside [`Netns::run`].
 //! - [`Netns::veth_pair`], [`Netns::add_address`], [`Netns::add_route`]…: links, addresses,
 //!   routes and neighbours over rtnetlink; [`Netns::tcp_sockets`]: `/proc/net/tcp{,6}`.
@@ -32,13 +34,14 @@ mod scenarios;
 mod sockets;
 mod synflood;
 mod tempdir;
+mod tls;
 mod traffic;
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-pub use agent::AgentProcess;
+pub use agent::{AgentProcess, HealthProbe};
 pub use cgroup_bpf::{Cgroup, CgroupLink, CountingProgram, cgroup_ingress_programs};
 pub use counters::{Counters, Sockstat};
 pub use http::{http_get, http_get_timeout};
@@ -56,6 +59,7 @@ pub use scenarios::{
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
 pub use tempdir::{TempDir, partial_tracefs};
+pub use tls::{Pki, WebClient, WebResponse};
 pub use traffic::{
     FirstCloser, closed_connections, connect_closed_port, set_linger_zero, tcp_pair,
 };

@@ -64,6 +64,15 @@ impl Metrics {
         &self.samples
     }
 
+    /// Samples of the namespace with inode `netns` or of no namespace: what a test's own
+    /// agent adds, without the series of other tests' namespaces that it also sees.
+    pub fn own_series_count(&self, netns: &str) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| s.label("netns").is_none_or(|n| n == netns))
+            .count()
+    }
+
     /// All samples named `name`.
     pub fn series(&self, name: &str) -> Vec<&Sample> {
         self.samples.iter().filter(|s| s.name == name).collect()

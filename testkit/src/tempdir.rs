@@ -26,6 +26,16 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Writes `text` to the file `name` in it through a rename, as certificate tools do, so
+    /// that a reader never sees half a file; returns the file's path.
+    pub fn write(&self, name: &str, text: &str) -> std::io::Result<PathBuf> {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
 }
 
 impl Drop for TempDir {

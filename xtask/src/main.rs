@@ -50,6 +50,8 @@ enum Cmd {
     Test(TestArgs),
     /// rustfmt check, clippy on the host crates, clippy on agent-ebpf for the BPF target
     Lint,
+    /// Run every fuzz target (fuzz/, cargo-fuzz on nightly) for a bounded time
+    Fuzz(FuzzArgs),
     /// Build the release binaries and run the benchmarks with ARGS
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,6 +68,18 @@ struct TestArgs {
     #[arg(last = true)]
     extra: Vec<OsString>,
 }
+
+#[derive(Args)]
+struct FuzzArgs {
+    /// Seconds of fuzzing per target (after the build)
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Targets to run (all of `cargo fuzz list` when none are given)
+    targets: Vec<String>,
+}
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const TEST_FUZZ_SECONDS: u64 = 20;
 
 fn main() -> ExitCode {
     // Our own report, not anyhow's: with RUST_BACKTRACE set, that one ends in a backtrace of
@@ -89,6 +103,7 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Run { args } => run_agent(args),
         Cmd::Test(args) => test(args),
         Cmd::Lint => lint(),
+        Cmd::Fuzz(args) => fuzz(args.seconds, &args.targets),
         Cmd::Bench { args } => bench(args),
     }
 }
@@ -120,6 +135,7 @@ fn test(args: TestArgs) -> Result<()> {
         phases.push(("lint", Box::new(lint)));
     }
     phases.push(("cargo test", Box::new(|| cargo_test(&args.extra))));
+    phases.push(("fuzz", Box::new(|| fuzz(TEST_FUZZ_SECONDS, &[]))));
     run_phases(phases)
 }
 
@@ -165,6 +181,41 @@ fn lint() -> Result<()> {
         .collect();
     if !errors.is_empty() {
         bail!("{}", errors.join("\n  "));
+    }
+    Ok(())
+}
+
+/// Builds the fuzz targets and runs each for `seconds` from its corpus (fuzz/corpus/NAME,
+/// seeded in git); a crash fails with the input saved under fuzz/artifacts/.
+fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+    let dir = workspace_root().join("fuzz");
+    let fuzz_cargo = |line: &str| {
+        let mut cmd = cargo(&format!("+nightly fuzz {line}"));
+        // The targets need the agent's library, not its kernel programs.
+        cmd.current_dir(&dir).env("AYA_BUILD_SKIP", "1");
+        cmd
+    };
+    let targets: Vec<String> = if targets.is_empty() {
+        stdout_of(&mut fuzz_cargo("list"))?
+            .lines()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    } else {
+        targets.to_vec()
+    };
+    if targets.is_empty() {
+        bail!("no fuzz targets in {}", dir.display());
+    }
+    run_checked(&mut fuzz_cargo("build"))?;
+    for target in &targets {
+        println!("xtask: fuzzing {target} for {seconds} s");
+        std::fs::create_dir_all(dir.join("corpus").join(target))?;
+        run_checked(&mut fuzz_cargo(&format!(
+            "run {target} corpus/{target} -- -max_total_time={seconds} -timeout=10 \
+             -rss_limit_mb=2048 -max_len=4096 -print_final_stats=1"
+        )))?;
     }
     Ok(())
 }
@@ -285,6 +336,15 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(args, ["--web.listen-address", ":9000", "-v"]);
+    }
+
+    #[test]
+    fn fuzz_takes_seconds_and_targets() {
+        let Cmd::Fuzz(args) = parse("fuzz --seconds 5 web_config") else {
+            panic!("not fuzz");
+        };
+        assert_eq!(args.seconds, 5);
+        assert_eq!(args.targets, ["web_config"]);
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub fn ensure_all() -> Result<()> {
     ensure_packages().context("setup step: Debian packages")?;
     ensure_nightly().context("setup step: Rust nightly with rust-src")?;
     ensure_bpf_linker().context("setup step: bpf-linker")?;
-    ensure_python_tools().context("setup step: Python checkers")
+    ensure_python_tools().context("setup step: Python checkers")?;
+    ensure_cargo_fuzz().context("setup step: cargo-fuzz")
 }
 
 /// A virtual environment with [`PYTHON_PACKAGES`], made with Debian's Python.
@@ -72,6 +73,18 @@ fn ensure_python_tools() -> Result<()> {
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
             .args(PYTHON_PACKAGES),
     )
+}
+
+/// `cargo fuzz` runs the fuzz targets (`cargo xtask fuzz`, and `cargo xtask test`).
+fn ensure_cargo_fuzz() -> Result<()> {
+    let installed = tool("cargo-fuzz", "--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz (runs the fuzz targets; about two minutes)");
+    run_checked(&mut cargo("install cargo-fuzz --locked"))
 }
 
 fn ensure_packages() -> Result<()> {

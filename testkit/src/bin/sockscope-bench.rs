@@ -28,6 +28,8 @@
 //! - `timewait`: 100,000 TIME_WAIT sockets in one namespace: /metrics latency (target
 //!   < 200 ms) and agent RSS (target < 64 MiB), beside node_exporter's sockstat and tcpstat
 //!   collectors on the same sockets.
+//! - `web`: /metrics latency and size over plain HTTP, gzip, TLS and TLS with basic auth
+//!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
@@ -46,6 +48,8 @@ mod resets;
 mod synflood;
 #[path = "sockscope-bench/timewait.rs"]
 mod timewait;
+#[path = "sockscope-bench/web.rs"]
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,6 +122,8 @@ enum Section {
     Peers,
     /// Many TIME_WAIT sockets: /metrics latency and agent RSS, beside node_exporter
     Timewait,
+    /// /metrics over plain HTTP, gzip, TLS and TLS with basic auth
+    Web,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +176,7 @@ fn run(args: &Args) -> Result<Vec<String>> {
             Section::Listeners => listeners::run(args),
             Section::Peers => peers::run(args),
             Section::Timewait => timewait::run(args),
+            Section::Web => web::run(args),
         };
         // One section that cannot run does not keep the others from reporting.
         match found.with_context(|| format!("section {section:?}")) {
