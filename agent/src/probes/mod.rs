@@ -332,7 +332,7 @@ impl KernelSupport {
         let structs = resolver
             .btf()
             .and_then(|b| layout::struct_offsets(b, &mut layout).map_err(|e| e.to_string()));
-        layout.synq_full_at_limit = u32::from(kernel::release_below(6, 14));
+        layout.synq_full_at_limit = u32::from(kernel::synq_full_at_limit());
         let probes = PROBES
             .iter()
             .map(|spec| {
