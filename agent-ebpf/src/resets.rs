@@ -5,9 +5,9 @@
 use agent_common::{FIELD_ABSENT, REASON_UNKNOWN, ResetKey, STATE_NONE, map_error};
 use aya_ebpf::{
     EbpfContext,
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{fentry, map, raw_tracepoint, tracepoint},
     maps::PerCpuHashMap,
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{FEntryContext, RawTracePointContext, TracePointContext},
 };
 
 use crate::kernel::{
@@ -102,6 +102,18 @@ fn local_port(common: &SkCommon, state: u8) -> u16 {
 /// Raw `tcp_receive_reset(sk)`: an RST accepted by a socket (`tcp_reset()`).
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn rst_recv_raw(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(common) = SkCommon::read(sk) {
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_received(&ctx, common.netns(), local_port(&common, state), state);
+    }
+    0
+}
+
+/// fentry on `tcp_reset(sk, skb)`, the function that raises `tcp_receive_reset` first thing:
+/// the same events without the tracepoint (kernels that permit fentry).
+#[fentry(function = "tcp_reset")]
+pub fn rst_recv_fentry(ctx: FEntryContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     if let Some(common) = SkCommon::read(sk) {
         let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);

@@ -54,12 +54,14 @@ const MODULE_GLOBS: &[&str] = &[
 ];
 
 /// The integration test binaries run in the guests, with libtest arguments. Chosen for the
-/// time budget (the matrix must add under 5 minutes on 2 cores under emulation): every test
-/// that checks figures against the kernel runs; the slow scale test stays on the host.
-/// Tests needing outside tools skip themselves in a guest (`testkit::host_only`).
+/// time budget (the matrix must add under 5 minutes on 2 cores under emulation): the tests
+/// that check figures against the kernel run. Left to the host: the 10 000-listener scale
+/// test (minutes under emulation) and the ACK-stage overflow tests, whose late clients must
+/// ACK within a delayed-ACK window that an emulated CPU misses (they say "too slow a
+/// machine"). Tests needing outside tools skip themselves in a guest (`testkit::host_only`).
 pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("resets", &[]),
-    ("listen_accuracy", &[]),
+    ("listen_accuracy", &["--skip", "ack_stage_overflow"]),
     (
         "listen_gauges",
         &["--skip", "ten_thousand_listeners_are_all_on_the_page"],

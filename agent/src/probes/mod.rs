@@ -16,7 +16,9 @@ use agent_common::KernelLayout;
 use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, RawTracePoint, TracePoint,
+    },
 };
 
 use crate::kernel::{self, btf::KernelBtf, layout, tracefs::Format};
@@ -27,6 +29,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where a probe attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// fentry on a kernel function (BPF trampoline; needs a kernel that permits it).
+    Fentry(&'static str),
     /// A raw tracepoint: the `TP_PROTO` arguments, no record formatted (cheapest).
     RawTracepoint(&'static str),
     /// A classic tracepoint: category and name.
@@ -39,6 +43,7 @@ impl Hook {
     /// The `--probe.mode` family this hook belongs to.
     pub fn mode(&self) -> ProbeMode {
         match self {
+            Self::Fentry(_) => ProbeMode::Fentry,
             Self::RawTracepoint(_) => ProbeMode::RawTracepoint,
             Self::Tracepoint(..) => ProbeMode::Tracepoint,
             Self::CgroupSkbIngress => ProbeMode::Auto,
@@ -49,6 +54,7 @@ impl Hook {
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Fentry(n) => write!(f, "fentry {n}"),
             Self::RawTracepoint(n) => write!(f, "raw tracepoint {n}"),
             Self::Tracepoint(c, n) => write!(f, "tracepoint {c}:{n}"),
             Self::CgroupSkbIngress => write!(f, "cgroup_skb ingress at the cgroup v2 root"),
@@ -67,6 +73,8 @@ pub enum ProbeMode {
     RawTracepoint,
     /// Classic tracepoints only (where a probe has that path).
     Tracepoint,
+    /// fentry where a probe has that path; the other probes take their usual paths.
+    Fentry,
 }
 
 impl ProbeMode {
@@ -76,10 +84,14 @@ impl ProbeMode {
             Self::Auto => "cgroup_skb",
             Self::RawTracepoint => "raw_tracepoint",
             Self::Tracepoint => "tracepoint",
+            Self::Fentry => "fentry",
         }
     }
 
-    fn allows(&self, hook: Hook) -> bool {
+    fn allows(&self, spec: &ProbeSpec, hook: Hook) -> bool {
+        if *self == Self::Fentry && !spec.paths.iter().any(|p| p.hook.mode() == Self::Fentry) {
+            return true;
+        }
         *self == Self::Auto || hook.mode() == Self::Auto || hook.mode() == *self
     }
 }
@@ -159,8 +171,13 @@ pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "rst_recv",
         collectors: &["resets"],
-        needs: "tracepoint tcp:tcp_receive_reset (Linux 4.15)",
+        needs: "fentry on tcp_reset where the kernel permits it, else tracepoint tcp:tcp_receive_reset (Linux 4.15)",
         paths: &[
+            ProbePath {
+                program: "rst_recv_fentry",
+                hook: Hook::Fentry("tcp_reset"),
+                resolve: |r, _| r.btf().map(|_| ()),
+            },
             ProbePath {
                 program: "rst_recv_raw",
                 hook: Hook::RawTracepoint("tcp_receive_reset"),
@@ -346,7 +363,7 @@ impl KernelSupport {
                                 "collector {} is disabled",
                                 spec.collectors.join(", ")
                             ))
-                        } else if !mode.allows(path.hook) {
+                        } else if !mode.allows(spec, path.hook) {
                             Err(format!("--probe.mode={} excludes it", mode.label()))
                         } else {
                             structs
@@ -490,6 +507,12 @@ fn attach(
         .program_mut(path.program)
         .ok_or_else(|| format!("program {} missing from the object", path.program))?;
     match path.hook {
+        Hook::Fentry(function) => {
+            let btf = aya::Btf::from_sys_fs()?;
+            let program: &mut FEntry = program.try_into()?;
+            program.load(function, &btf)?;
+            program.attach()?;
+        }
         Hook::RawTracepoint(name) => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
