@@ -14,6 +14,14 @@ use crate::{stdout_of, workspace_root};
 
 const OUTPUT: &str = "docs/KERNEL-SUPPORT.md";
 
+/// Which guest test binary compares each probe's figures with the kernel's own counters.
+/// A probe not listed here (or whose binary did not pass) is called attached, not exact.
+const PROVED_BY: &[(&str, &str)] = &[
+    ("rst_send", "resets"),
+    ("rst_recv", "resets"),
+    ("listen_ingress", "listen_accuracy"),
+];
+
 /// One line of `sockscope check`: feature, ok, detail.
 type CheckLine = (String, bool, String);
 
@@ -53,15 +61,16 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
         return Ok(());
     }
     let host_release = stdout_of(Command::new("uname").arg("-r"))?;
-    let mut columns: Vec<(String, Vec<CheckLine>)> = Vec::new();
+    let mut columns: Vec<(String, Vec<CheckLine>, &GuestReport)> = Vec::new();
     for r in reports {
         columns.push((
             format!("Debian {} ({})", r.series, r.release),
             parse_check(&r.check),
+            r,
         ));
     }
     let mut rows: BTreeMap<String, ()> = BTreeMap::new();
-    for (_, checks) in &columns {
+    for (_, checks, _) in &columns {
         for (feature, ..) in checks {
             if feature.starts_with("probe ") {
                 rows.insert(feature.clone(), ());
@@ -79,14 +88,15 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
     md.push_str(&names.join(", "));
     let _ = writeln!(
         md,
-        "). **exact** means the probe attached through the path named and the accuracy tests \
-         compared its figures with the kernel's own counters; **unavailable** means the agent \
-         reports `sockscope_probe_up 0` for it, with the reason given. The host kernel of the \
+        "). **exact** means the probe attached through the path named and a guest test (named) \
+         compared its figures with that kernel's own counters; **attached** means it attached \
+         but no guest test checks its figures; **unavailable** means the agent reports \
+         `sockscope_probe_up 0` for it, with the reason given. The host kernel of the \
          last run was {}; see docs/KERNEL.md for it.\n",
         host_release.trim()
     );
     md.push_str("| probe |");
-    for (name, _) in &columns {
+    for (name, ..) in &columns {
         let _ = write!(md, " {name} |");
     }
     md.push_str("\n|---|");
@@ -95,10 +105,24 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
     }
     md.push('\n');
     for feature in rows.keys() {
-        let _ = write!(md, "| {} |", feature.trim_start_matches("probe "));
-        for (_, checks) in &columns {
+        let probe = feature.trim_start_matches("probe ");
+        let _ = write!(md, "| {probe} |");
+        for (_, checks, report) in &columns {
+            let proof = PROVED_BY
+                .iter()
+                .find(|(p, _)| *p == probe)
+                .map(|(_, bin)| *bin)
+                .filter(|bin| {
+                    report
+                        .binaries
+                        .get(*bin)
+                        .is_some_and(|(rc, tests)| *rc == Some(0) && !tests.is_empty())
+                });
             let cell = match checks.iter().find(|(f, ..)| f == feature) {
-                Some((_, true, detail)) => format!("exact: {detail}"),
+                Some((_, true, detail)) => match proof {
+                    Some(bin) => format!("exact ({bin}): {detail}"),
+                    None => format!("attached: {detail}"),
+                },
                 Some((_, false, detail)) => format!("unavailable: {detail}"),
                 None => "not reported".to_owned(),
             };
