@@ -134,3 +134,37 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
     println!("xtask: wrote {OUTPUT}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_lines_become_features() {
+        let lines = [
+            "\u{1b}[2m2026…\u{1b}[0m WARN probe unavailable: …",
+            "sockscope 0.1.0 on Linux 6.1.0-56-amd64",
+            "ok       btf                        /sys/kernel/btf/vmlinux",
+            "ok       probe rst_recv             attached to fentry tcp_reset",
+            "missing  probe rst_send             raw tracepoint tcp_send_reset: no reason",
+        ]
+        .map(String::from);
+        let parsed = parse_check(&lines);
+        assert_eq!(
+            parsed,
+            [
+                ("btf".into(), true, "/sys/kernel/btf/vmlinux".into()),
+                (
+                    "probe rst_recv".into(),
+                    true,
+                    "attached to fentry tcp_reset".into()
+                ),
+                (
+                    "probe rst_send".into(),
+                    false,
+                    "raw tracepoint tcp_send_reset: no reason".into()
+                ),
+            ]
+        );
+    }
+}
