@@ -199,13 +199,16 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
         });
     }
 
+    // Handlers first: once /healthz answers, a SIGTERM must find them in place, or its
+    // default action kills the agent without detaching.
+    let stop_signal = wait_for_signal()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(server::serve(listener, Arc::clone(&metrics), stop_rx));
     tracing::info!(%address, "serving metrics on http://{address}/metrics");
 
-    wait_for_signal().await?;
+    stop_signal.await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -266,14 +269,16 @@ fn sync_ports(upkeep: &mut ports::Upkeep, discovery: &netns::Discovery) {
     upkeep.refresh(&before, &found, &listening);
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
+/// Registers the SIGTERM and SIGINT handlers now; the future ends at the first signal.
+fn wait_for_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }
 
 /// A scrape holds one file descriptor per network namespace; a host with more than ~1,000

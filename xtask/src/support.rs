@@ -92,7 +92,8 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
          compared its figures with that kernel's own counters; **attached** means it attached \
          but no guest test checks its figures; **unavailable** means the agent reports \
          `sockscope_probe_up 0` for it, with the reason given. The host kernel of the \
-         last run was {}; see docs/KERNEL.md for it.\n",
+         last run was {}; see docs/KERNEL.md for it. Which tests run in the guests, and which \
+         stay on the host and why, is in docs/KERNEL-MATRIX.md.\n",
         host_release.trim()
     );
     md.push_str("| probe |");
