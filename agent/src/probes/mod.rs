@@ -105,6 +105,8 @@ pub struct ProbePath {
     pub hook: Hook,
     /// Fills the offsets this path reads.
     resolve: fn(&Resolver, &mut KernelLayout) -> Result<(), String>,
+    /// Further programs the path needs, all attached or none.
+    pub also: &'static [(&'static str, Hook)],
 }
 
 /// One probe: what it counts, and the paths to it in order of preference.
@@ -133,6 +135,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_track_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("inet_sock_set_state"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -141,6 +144,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_track_tp",
+                also: &[],
                 hook: Hook::Tracepoint("sock", "inet_sock_set_state"),
                 resolve: |r, l| {
                     layout::set_state(&r.format("sock:inet_sock_set_state")?, l).map_err(e)
@@ -151,10 +155,11 @@ pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "rst_send",
         collectors: &["resets"],
-        needs: "tracepoint tcp:tcp_send_reset (Linux 4.15; `reason` and resets without a socket since 6.10)",
+        needs: "tracepoint tcp:tcp_send_reset with `reason` (Linux 6.10), else fentry on tcp_send_active_reset, tcp_v4_send_reset and tcp_v6_send_reset (no reason)",
         paths: &[
             ProbePath {
                 program: "rst_send_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_send_reset"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -163,8 +168,20 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_send_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_send_reset"),
                 resolve: |r, l| layout::send_reset(&r.format("tcp:tcp_send_reset")?, l).map_err(e),
+            },
+            // Last: it has no reset reason. Before 6.10, where the tracepoint misses resets
+            // sent without a full socket, it is the exact path.
+            ProbePath {
+                program: "rst_send_active_fentry",
+                also: &[
+                    ("rst_send_v4_fentry", Hook::Fentry("tcp_v4_send_reset")),
+                    ("rst_send_v6_fentry", Hook::Fentry("tcp_v6_send_reset")),
+                ],
+                hook: Hook::Fentry("tcp_send_active_reset"),
+                resolve: |r, l| layout::raw_offsets(r.btf()?, l).map_err(e),
             },
         ],
     },
@@ -175,11 +192,13 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "rst_recv_fentry",
+                also: &[],
                 hook: Hook::Fentry("tcp_reset"),
                 resolve: |r, _| r.btf().map(|_| ()),
             },
             ProbePath {
                 program: "rst_recv_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_receive_reset"),
                 resolve: |r, _| {
                     layout::raw_sock_first("tcp_receive_reset", &r.raw_args("tcp_receive_reset")?)
@@ -188,6 +207,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_recv_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_receive_reset"),
                 resolve: |r, l| {
                     layout::receive_reset(&r.format("tcp:tcp_receive_reset")?, l).map_err(e)
@@ -201,6 +221,7 @@ pub const PROBES: &[ProbeSpec] = &[
         needs: "cgroup v2 with cgroup_skb programs and bpf_link (Linux 5.7), BTF for struct sock and struct net",
         paths: &[ProbePath {
             program: "lsn_ingress",
+            also: &[],
             hook: Hook::CgroupSkbIngress,
             resolve: |r, l| {
                 r.cgroup2.as_ref().map_err(Clone::clone)?;
@@ -215,6 +236,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_ackdrop_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("kfree_skb"),
                 resolve: |r, l| {
                     layout::raw_kfree_skb(r.btf()?, &r.raw_args("kfree_skb")?, l).map_err(e)
@@ -222,6 +244,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_ackdrop_tp",
+                also: &[],
                 hook: Hook::Tracepoint("skb", "kfree_skb"),
                 resolve: |r, l| {
                     layout::kfree_skb(r.btf().ok(), &r.format("skb:kfree_skb")?, l).map_err(e)
@@ -236,6 +259,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_synack_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_retransmit_synack"),
                 resolve: |r, _| {
                     layout::raw_sock_first(
@@ -247,6 +271,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_synack_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_retransmit_synack"),
                 resolve: |r, l| {
                     layout::retransmit_synack(&r.format("tcp:tcp_retransmit_synack")?, l).map_err(e)
@@ -420,9 +445,8 @@ impl Probes {
                 // are kept for the message when none does.
                 let mut reasons = Vec::new();
                 for (path, available) in paths {
-                    let result = available.and_then(|()| {
-                        attach(&mut ebpf, &path, cgroup2.as_deref()).map_err(|e| e.to_string())
-                    });
+                    let result =
+                        available.and_then(|()| attach_all(&mut ebpf, &path, cgroup2.as_deref()));
                     match result {
                         Ok(program_id) => {
                             tracing::debug!(probe = spec.name, "attached to {}", path.hook);
@@ -498,15 +522,58 @@ impl Probes {
     }
 }
 
-fn attach(
+/// Attaches the path's program and its `also` programs; on a failure, unloads (detaches)
+/// those already attached, so that no half of a path counts.
+fn attach_all(
     ebpf: &mut Ebpf,
     path: &ProbePath,
     cgroup2: Option<&Path>,
+) -> Result<Option<u32>, String> {
+    let mut done: Vec<&'static str> = Vec::new();
+    let mut result = Ok(None);
+    for (program, hook) in
+        std::iter::once((path.program, path.hook)).chain(path.also.iter().copied())
+    {
+        match attach(ebpf, program, hook, cgroup2) {
+            Ok(id) => {
+                if program == path.program {
+                    result = Ok(id);
+                }
+                done.push(program);
+            }
+            Err(err) => {
+                for name in done {
+                    if let Some(p) = ebpf.program_mut(name) {
+                        let _ = unload(p);
+                    }
+                }
+                return Err(format!("{program} on {hook}: {err}"));
+            }
+        }
+    }
+    result
+}
+
+fn unload(program: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::RawTracePoint(p) => p.unload(),
+        aya::programs::Program::TracePoint(p) => p.unload(),
+        aya::programs::Program::CgroupSkb(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: Hook,
+    cgroup2: Option<&Path>,
 ) -> Result<Option<u32>, Box<dyn std::error::Error>> {
     let program = ebpf
-        .program_mut(path.program)
-        .ok_or_else(|| format!("program {} missing from the object", path.program))?;
-    match path.hook {
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?;
+    match hook {
         Hook::Fentry(function) => {
             let btf = aya::Btf::from_sys_fs()?;
             let program: &mut FEntry = program.try_into()?;
@@ -547,7 +614,7 @@ fn attach(
     }
     // The id names the program in the kernel's run statistics; not having it is no failure.
     let id = ebpf
-        .program(path.program)
+        .program(name)
         .and_then(|p| p.info().ok())
         .map(|info| info.id());
     Ok(id)
