@@ -57,7 +57,7 @@ const MODULE_GLOBS: &[&str] = &[
 /// time: an emulated CPU shared by two agents and a flood misses start-up deadlines). Chosen
 /// for the time budget (the matrix must add under 5 minutes on 2 cores under emulation):
 /// every reset test, and the listen tests whose figures depend on the kernel (SYN-queue
-/// comparison, cookies, accept-queue overflow, per-namespace separation, sock_diag gauges).
+/// comparison, cookies, accept-queue overflow, sock_diag gauges).
 /// The rest stay on the host; docs/KERNEL-MATRIX.md says why for each. Tests needing outside
 /// tools skip themselves in a guest (`testkit::host_only`).
 pub const GUEST_TESTS: &[(&str, &[&str])] = &[
@@ -71,7 +71,6 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
             "syn_queue_full_without_cookies_counts_drops",
             "syn_queue_full_with_cookies_counts_cookies",
             "syncookies_always_counts_every_syn_as_a_cookie",
-            "two_namespaces_at_once_each_only_its_own",
         ],
     ),
     (
