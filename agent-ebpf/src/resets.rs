@@ -5,9 +5,9 @@
 use agent_common::{FIELD_ABSENT, REASON_UNKNOWN, ResetKey, STATE_NONE, map_error};
 use aya_ebpf::{
     EbpfContext,
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, map, raw_tracepoint, tracepoint},
     maps::PerCpuHashMap,
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, FEntryContext, RawTracePointContext, TracePointContext},
 };
 
 use crate::kernel::{
@@ -110,6 +110,88 @@ pub fn rst_recv_raw(ctx: RawTracePointContext) -> i32 {
         count_received(&ctx, common.netns(), local_port(&common, state), state);
     }
     0
+}
+
+/// fentry on `tcp_reset(sk, skb)`, the function that raises `tcp_receive_reset` first thing:
+/// the same events without the tracepoint (kernels that permit fentry).
+#[fentry(function = "tcp_reset")]
+pub fn rst_recv_fentry(ctx: FEntryContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(common) = SkCommon::read(sk) {
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_received(&ctx, common.netns(), local_port(&common, state), state);
+    }
+    0
+}
+
+/// fentry on `tcp_send_active_reset(sk, …)`: an RST the socket sends on its own (abort,
+/// `SO_LINGER` 0). The kernel counts `OutRsts` on entry there. The reset reason is not read
+/// (this path is for kernels before 6.10, which have none): `unknown`.
+#[fentry(function = "tcp_send_active_reset")]
+pub fn rst_send_active_fentry(ctx: FEntryContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(common) = SkCommon::read(sk) {
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_sent(
+            &ctx,
+            common.netns(),
+            local_port(&common, state),
+            state,
+            REASON_UNKNOWN,
+        );
+    }
+    0
+}
+
+/// fentry on `tcp_v4_send_reset(sk, skb, …)`: the reply to a segment, with a socket (full,
+/// request or timewait) or without one.
+#[fentry(function = "tcp_v4_send_reset")]
+pub fn rst_send_v4_fentry(ctx: FEntryContext) -> i32 {
+    reply_reset(&ctx, ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// fentry on `tcp_v6_send_reset(sk, skb, …)`.
+#[fentry(function = "tcp_v6_send_reset")]
+pub fn rst_send_v6_fentry(ctx: FEntryContext) -> i32 {
+    reply_reset(&ctx, ctx.arg(0), ctx.arg(1));
+    0
+}
+
+const TH_RST: u8 = 0x04;
+
+/// A reset in reply to `skb`. The function returns without sending when `skb` is itself an
+/// RST (a reset is never answered): those are left out, as the kernel's `OutRsts` leaves
+/// them out.
+#[inline(always)]
+fn reply_reset<C: EbpfContext>(ctx: &C, sk: u64, skb: u64) {
+    let head: u64 = kread(skb, layout(|l| &l.skb_head)).unwrap_or(0);
+    let th: u16 = kread(skb, layout(|l| &l.skb_transport_header)).unwrap_or(u16::MAX);
+    if head == 0 || th == u16::MAX {
+        return;
+    }
+    let flags: u8 = kread(head + u64::from(th), 13).unwrap_or(TH_RST);
+    if flags & TH_RST != 0 {
+        return;
+    }
+    if let Some(common) = SkCommon::read(sk) {
+        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
+        count_sent(
+            ctx,
+            common.netns(),
+            local_port(&common, state),
+            state,
+            REASON_UNKNOWN,
+        );
+    } else {
+        count_sent(
+            ctx,
+            skb_netns(skb),
+            skb_local_port(skb),
+            STATE_NONE,
+            REASON_UNKNOWN,
+        );
+    }
 }
 
 /// BTF `tcp_send_reset(sk, skb[, reason])`: as [`rst_send_raw`], but the verifier knows the

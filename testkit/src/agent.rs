@@ -115,7 +115,13 @@ impl AgentProcess {
     }
 
     fn wait_healthy(&mut self, probe: &HealthProbe) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        // Under emulation (the kernel-matrix guests) the verifier alone takes many seconds.
+        let timeout = if crate::in_guest() {
+            START_TIMEOUT * 3
+        } else {
+            START_TIMEOUT
+        };
+        let deadline = Instant::now() + timeout;
         let mut last = String::from("no answer yet");
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -123,7 +129,7 @@ impl AgentProcess {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                bail!("/healthz not 200 within {START_TIMEOUT:?}; last: {last}");
+                bail!("/healthz not 200 within {timeout:?}; last: {last}");
             }
             let timeout = remaining.min(Duration::from_secs(2));
             match probe(&self.netns, self.listen, timeout) {

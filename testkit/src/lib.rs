@@ -83,6 +83,34 @@ pub fn wait_until(
     }
 }
 
+/// Whether the running kernel's `uname -r` is at least `major.minor` (false when unparsable).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(uts) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = uts.release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let version = (|| Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?)))();
+    version.is_some_and(|v: (u32, u32)| v >= (major, minor))
+}
+
+/// Whether this process runs inside a kernel-matrix guest: its `/init` sets
+/// `SOCKSCOPE_GUEST=1` (see docs/KERNEL-MATRIX.md).
+pub fn in_guest() -> bool {
+    std::env::var("SOCKSCOPE_GUEST").is_ok_and(|v| v == "1")
+}
+
+/// For tests that need outside tools a guest does not carry (`needs` names them): false, with a
+/// "host-only" line, inside a kernel-matrix guest; true everywhere else, so under `CI=true` on
+/// the host nothing skips.
+pub fn host_only(needs: &str) -> bool {
+    if in_guest() {
+        eprintln!("skipping in the kernel-matrix guest: host-only test (needs {needs})");
+        return false;
+    }
+    true
+}
+
 /// Returns whether the test may run: true as root; otherwise panics under `CI=true`, else
 /// prints a skip notice and returns false.
 pub fn require_root() -> bool {
@@ -124,5 +152,11 @@ mod tests {
         })
         .expect_err("error propagates");
         assert!(err.to_string().contains("boom"));
+    }
+
+    #[test]
+    fn only_a_guest_skips_host_only_tests() {
+        // The variable is read, never set here: tests run in parallel threads.
+        assert_eq!(host_only("promtool"), !in_guest());
     }
 }

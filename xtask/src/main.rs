@@ -1,7 +1,9 @@
 //! Developer commands for sockscope: `cargo xtask run` and `cargo xtask test` are all a fresh
 //! machine needs, because every command first installs what is missing (see `setup`).
 
+mod matrix;
 mod setup;
+mod support;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
@@ -64,6 +66,10 @@ struct TestArgs {
     /// Skip the lint phase
     #[arg(long)]
     no_lint: bool,
+    /// Kernels to test on, comma-separated: `host` (this machine's kernel, `cargo test`),
+    /// `6.1` and `6.12` (Debian's kernels in qemu guests, see docs/KERNEL-MATRIX.md), `all`
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    kernels: Vec<String>,
     /// Extra arguments for `cargo test` (after `--`)
     #[arg(last = true)]
     extra: Vec<OsString>,
@@ -134,9 +140,42 @@ fn test(args: TestArgs) -> Result<()> {
     if !args.no_lint {
         phases.push(("lint", Box::new(lint)));
     }
-    phases.push(("cargo test", Box::new(|| cargo_test(&args.extra))));
+    let (host, guests) = kernels(&args.kernels)?;
+    if host {
+        phases.push(("cargo test", Box::new(|| cargo_test(&args.extra))));
+    }
+    if !guests.is_empty() {
+        phases.push(("kernel matrix", Box::new(move || matrix::run(&guests))));
+    }
     phases.push(("fuzz", Box::new(|| fuzz(TEST_FUZZ_SECONDS, &[]))));
     run_phases(phases)
+}
+
+/// Whether `list` names the host, and the guest kernels it names.
+fn kernels(list: &[String]) -> Result<(bool, Vec<&'static matrix::Series>)> {
+    let mut host = false;
+    let mut guests: Vec<&'static matrix::Series> = Vec::new();
+    for name in list.iter().map(|k| k.trim()) {
+        match name {
+            "all" => {
+                host = true;
+                guests = matrix::SERIES.iter().collect();
+            }
+            "host" => host = true,
+            _ => match matrix::SERIES.iter().find(|s| s.name == name) {
+                Some(s) if !guests.iter().any(|g| g.name == s.name) => guests.push(s),
+                Some(_) => {}
+                None => {
+                    let known: Vec<&str> = matrix::SERIES.iter().map(|s| s.name).collect();
+                    bail!(
+                        "unknown kernel `{name}` in --kernels: use host, {} or all",
+                        known.join(", ")
+                    );
+                }
+            },
+        }
+    }
+    Ok((host, guests))
 }
 
 /// Runs every phase even after a failure, so that a formatting slip does not hide test results.
@@ -354,5 +393,20 @@ mod tests {
         };
         assert!(args.no_lint);
         assert_eq!(args.extra, ["-p", "agent", "--", "--nocapture"]);
+        assert_eq!(args.kernels, ["all"]);
+    }
+
+    #[test]
+    fn kernels_list_host_and_guests() {
+        let Cmd::Test(args) = parse("test --kernels host,6.12") else {
+            panic!("not test");
+        };
+        let (host, guests) = kernels(&args.kernels).expect("known kernels");
+        assert!(host);
+        assert_eq!(guests.iter().map(|g| g.name).collect::<Vec<_>>(), ["6.12"]);
+        let (host, guests) = kernels(&["6.1".into()]).expect("known");
+        assert!(!host && guests.len() == 1);
+        let err = kernels(&["5.4".into()]).expect_err("unknown");
+        assert!(err.to_string().contains("unknown kernel `5.4`"), "{err}");
     }
 }

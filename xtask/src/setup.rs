@@ -25,6 +25,20 @@ const PACKAGES: &[Package] = &[
         "python3-venv",
         "the tests check dashboards and Kubernetes manifests with Python packages",
     ),
+    ("busybox-static", "the kernel matrix's guests run on it"),
+    ("cpio", "the kernel matrix packs its initramfs with it"),
+    (
+        "kmod",
+        "the kernel matrix reads module dependencies with modinfo",
+    ),
+    (
+        "xz-utils",
+        "the kernel matrix unpacks Debian's compressed modules",
+    ),
+    (
+        "binutils",
+        "the kernel matrix strips the test binaries for its guests",
+    ),
 ];
 
 /// Where the Python checkers live, relative to the workspace root (the tests look there).
@@ -41,6 +55,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn ensure_all() -> Result<()> {
     ensure_packages().context("setup step: Debian packages")?;
+    ensure_qemu().context("setup step: qemu for the kernel matrix")?;
     ensure_nightly().context("setup step: Rust nightly with rust-src")?;
     ensure_bpf_linker().context("setup step: bpf-linker")?;
     ensure_python_tools().context("setup step: Python checkers")?;
@@ -125,6 +140,80 @@ fn ensure_packages() -> Result<()> {
         eprintln!("xtask: warning: {err:#}; every package we need is usable anyway");
     }
     Ok(())
+}
+
+/// qemu-system-x86 from bookworm-backports (10.x, like the qemu-utils these machines have:
+/// bookworm's 7.2 would remove it), through a private APT_CONFIG so the host's sources stay
+/// as they are, and with --no-remove so nothing else goes.
+fn ensure_qemu() -> Result<()> {
+    if package_usable("qemu-system-x86") {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("qemu-system-x86 is missing; install it as root (see docs/KERNEL-MATRIX.md)");
+    }
+    println!(
+        "xtask: installing qemu-system-x86 from bookworm-backports (the kernel matrix boots \
+         Debian's kernels in it)"
+    );
+    let dir = crate::workspace_root().join("target").join("apt-backports");
+    std::fs::create_dir_all(dir.join("lists/partial"))?;
+    std::fs::create_dir_all(dir.join("sources.list.d"))?;
+    let mirror = debian_mirror();
+    let security = mirror.replace("/debian", "/debian-security");
+    let sources = format!(
+        "deb {mirror} bookworm main\ndeb {mirror} bookworm-updates main\n\
+         deb {mirror} bookworm-backports main\ndeb {security} bookworm-security main\n"
+    );
+    std::fs::write(dir.join("sources.list"), sources)?;
+    let config = format!(
+        "Dir::Etc::SourceList \"{0}/sources.list\";\n\
+         Dir::Etc::SourceParts \"{0}/sources.list.d\";\n\
+         Dir::State::Lists \"{0}/lists\";\n",
+        dir.display()
+    );
+    let config_path = dir.join("apt.conf");
+    std::fs::write(&config_path, config)?;
+    let private = |line: &str| {
+        let mut cmd = apt(line);
+        cmd.env("APT_CONFIG", &config_path);
+        cmd
+    };
+    run_checked(&mut private("update -q"))?;
+    run_checked(&mut private(concat!(
+        "install -y -q --no-install-recommends --no-remove -t bookworm-backports",
+        " -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold",
+        " qemu-system-x86",
+    )))
+}
+
+/// The Debian mirror of the host's apt sources (deb822 `URIs:` or one-line `deb URI`).
+fn debian_mirror() -> String {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        texts.extend(dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()));
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line
+                .strip_prefix("URIs:")
+                .or_else(|| line.strip_prefix("deb "))?;
+            rest.split_whitespace()
+                .find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"))
+                .map(|w| w.trim_end_matches('/').to_owned())
+        })
+        .next()
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
+}
+
+fn package_usable(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "install ok installed")
 }
 
 fn apt(line: &str) -> Command {

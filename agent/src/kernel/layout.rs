@@ -81,6 +81,12 @@ pub fn retransmit_synack(format: &Format, layout: &mut KernelLayout) -> Result<(
     Ok(())
 }
 
+/// Why `tcp_send_reset` without a reset reason is no path for `rst_send`: the reason and the
+/// call for resets sent without a socket came together in Linux 6.10.
+pub const SEND_RESET_BEFORE_6_10: &str = "it carries no reset reason, so this kernel predates \
+    Linux 6.10, where resets sent without a socket (a connect to a closed port) do not reach \
+    it: its count would fall short of the kernel's OutRsts";
+
 /// `tcp:tcp_send_reset`. Since 6.10 the record holds the local address as a `sockaddr`
 /// (`saddr[28]`, port in network order at byte 2) and a `reason`; before, a host-order `sport`
 /// and no reason.
@@ -92,7 +98,11 @@ pub fn send_reset(format: &Format, layout: &mut KernelLayout) -> Result<(), Kern
     layout.rst_send_reason = format
         .fields
         .get("reason")
-        .map_or(FIELD_ABSENT, |f| f.offset);
+        .ok_or_else(|| KernelError::TracepointLayout {
+            tracepoint: TP.into(),
+            detail: SEND_RESET_BEFORE_6_10.into(),
+        })?
+        .offset;
     if let Some(sport) = format.fields.get("sport") {
         layout.rst_send_port = sport.offset;
         layout.rst_send_port_be = 0;
@@ -207,11 +217,13 @@ pub fn raw_send_reset(args: &[String], layout: &mut KernelLayout) -> Result<(), 
         args,
         &[Some("struct sock *"), Some("struct sk_buff *")],
     )?;
-    layout.raw_send_reason = if args.get(2).is_some_and(|a| a == "enum sk_rst_reason") {
-        2
-    } else {
-        FIELD_ABSENT
-    };
+    if args.get(2).is_none_or(|a| a != "enum sk_rst_reason") {
+        return Err(KernelError::TracepointLayout {
+            tracepoint: "tcp_send_reset".into(),
+            detail: SEND_RESET_BEFORE_6_10.into(),
+        });
+    }
+    layout.raw_send_reason = 2;
     Ok(())
 }
 

@@ -17,7 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, RawTracePoint,
+        TracePoint,
     },
 };
 
@@ -29,6 +30,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where a probe attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// fentry on a kernel function (BPF trampoline; needs a kernel that permits it).
+    Fentry(&'static str),
     /// A BTF tracepoint (`tp_btf`): the raw tracepoint's arguments with their kernel types,
     /// so the program reads fields with plain loads instead of helper calls (cheapest).
     BtfTracepoint(&'static str),
@@ -44,6 +47,7 @@ impl Hook {
     /// The `--probe.mode` family this hook belongs to.
     pub fn mode(&self) -> ProbeMode {
         match self {
+            Self::Fentry(_) => ProbeMode::Fentry,
             Self::BtfTracepoint(_) => ProbeMode::BtfTracepoint,
             Self::RawTracepoint(_) => ProbeMode::RawTracepoint,
             Self::Tracepoint(..) => ProbeMode::Tracepoint,
@@ -55,6 +59,7 @@ impl Hook {
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Fentry(n) => write!(f, "fentry {n}"),
             Self::BtfTracepoint(n) => write!(f, "BTF tracepoint {n}"),
             Self::RawTracepoint(n) => write!(f, "raw tracepoint {n}"),
             Self::Tracepoint(c, n) => write!(f, "tracepoint {c}:{n}"),
@@ -77,6 +82,8 @@ pub enum ProbeMode {
     RawTracepoint,
     /// Classic tracepoints only (where a probe has that path).
     Tracepoint,
+    /// fentry where a probe has that path; the other probes take their usual paths.
+    Fentry,
 }
 
 impl ProbeMode {
@@ -87,10 +94,16 @@ impl ProbeMode {
             Self::BtfTracepoint => "btf_tracepoint",
             Self::RawTracepoint => "raw_tracepoint",
             Self::Tracepoint => "tracepoint",
+            Self::Fentry => "fentry",
         }
     }
 
-    fn allows(&self, hook: Hook) -> bool {
+    /// A forced mode binds the probes that have a path of its kind; the others keep their
+    /// own choice.
+    fn allows(&self, spec: &ProbeSpec, hook: Hook) -> bool {
+        if !spec.paths.iter().any(|p| p.hook.mode() == *self) {
+            return true;
+        }
         *self == Self::Auto || hook.mode() == Self::Auto || hook.mode() == *self
     }
 }
@@ -104,6 +117,8 @@ pub struct ProbePath {
     pub hook: Hook,
     /// Fills the offsets this path reads.
     resolve: fn(&Resolver, &mut KernelLayout) -> Result<(), String>,
+    /// Further programs the path needs, all attached or none.
+    pub also: &'static [(&'static str, Hook)],
 }
 
 /// One probe: what it counts, and the paths to it in order of preference.
@@ -132,6 +147,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_track_btf",
+                also: &[],
                 hook: Hook::BtfTracepoint("inet_sock_set_state"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -140,6 +156,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_track_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("inet_sock_set_state"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -148,6 +165,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_track_tp",
+                also: &[],
                 hook: Hook::Tracepoint("sock", "inet_sock_set_state"),
                 resolve: |r, l| {
                     layout::set_state(&r.format("sock:inet_sock_set_state")?, l).map_err(e)
@@ -158,10 +176,11 @@ pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "rst_send",
         collectors: &["resets"],
-        needs: "tracepoint tcp:tcp_send_reset (Linux 4.15; `reason` and resets without a socket since 6.10)",
+        needs: "tracepoint tcp:tcp_send_reset with `reason` (Linux 6.10), else fentry on tcp_send_active_reset, tcp_v4_send_reset and tcp_v6_send_reset (no reason)",
         paths: &[
             ProbePath {
                 program: "rst_send_btf",
+                also: &[],
                 hook: Hook::BtfTracepoint("tcp_send_reset"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -170,6 +189,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_send_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_send_reset"),
                 resolve: |r, l| {
                     layout::raw_offsets(r.btf()?, l).map_err(e)?;
@@ -178,18 +198,37 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_send_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_send_reset"),
                 resolve: |r, l| layout::send_reset(&r.format("tcp:tcp_send_reset")?, l).map_err(e),
+            },
+            // Last: it has no reset reason. Before 6.10, where the tracepoint misses resets
+            // sent without a full socket, it is the exact path.
+            ProbePath {
+                program: "rst_send_active_fentry",
+                also: &[
+                    ("rst_send_v4_fentry", Hook::Fentry("tcp_v4_send_reset")),
+                    ("rst_send_v6_fentry", Hook::Fentry("tcp_v6_send_reset")),
+                ],
+                hook: Hook::Fentry("tcp_send_active_reset"),
+                resolve: |r, l| layout::raw_offsets(r.btf()?, l).map_err(e),
             },
         ],
     },
     ProbeSpec {
         name: "rst_recv",
         collectors: &["resets"],
-        needs: "tracepoint tcp:tcp_receive_reset (Linux 4.15)",
+        needs: "fentry on tcp_reset where the kernel permits it, else tracepoint tcp:tcp_receive_reset (Linux 4.15)",
         paths: &[
             ProbePath {
+                program: "rst_recv_fentry",
+                also: &[],
+                hook: Hook::Fentry("tcp_reset"),
+                resolve: |r, _| r.btf().map(|_| ()),
+            },
+            ProbePath {
                 program: "rst_recv_btf",
+                also: &[],
                 hook: Hook::BtfTracepoint("tcp_receive_reset"),
                 resolve: |r, _| {
                     layout::raw_sock_first("tcp_receive_reset", &r.raw_args("tcp_receive_reset")?)
@@ -198,6 +237,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_recv_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_receive_reset"),
                 resolve: |r, _| {
                     layout::raw_sock_first("tcp_receive_reset", &r.raw_args("tcp_receive_reset")?)
@@ -206,6 +246,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "rst_recv_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_receive_reset"),
                 resolve: |r, l| {
                     layout::receive_reset(&r.format("tcp:tcp_receive_reset")?, l).map_err(e)
@@ -219,6 +260,7 @@ pub const PROBES: &[ProbeSpec] = &[
         needs: "cgroup v2 with cgroup_skb programs and bpf_link (Linux 5.7), BTF for struct sock and struct net",
         paths: &[ProbePath {
             program: "lsn_ingress",
+            also: &[],
             hook: Hook::CgroupSkbIngress,
             resolve: |r, l| {
                 r.cgroup2.as_ref().map_err(Clone::clone)?;
@@ -233,6 +275,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_ackdrop_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("kfree_skb"),
                 resolve: |r, l| {
                     layout::raw_kfree_skb(r.btf()?, &r.raw_args("kfree_skb")?, l).map_err(e)
@@ -240,6 +283,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_ackdrop_tp",
+                also: &[],
                 hook: Hook::Tracepoint("skb", "kfree_skb"),
                 resolve: |r, l| {
                     layout::kfree_skb(r.btf().ok(), &r.format("skb:kfree_skb")?, l).map_err(e)
@@ -254,6 +298,7 @@ pub const PROBES: &[ProbeSpec] = &[
         paths: &[
             ProbePath {
                 program: "lsn_synack_raw",
+                also: &[],
                 hook: Hook::RawTracepoint("tcp_retransmit_synack"),
                 resolve: |r, _| {
                     layout::raw_sock_first(
@@ -265,6 +310,7 @@ pub const PROBES: &[ProbeSpec] = &[
             },
             ProbePath {
                 program: "lsn_synack_tp",
+                also: &[],
                 hook: Hook::Tracepoint("tcp", "tcp_retransmit_synack"),
                 resolve: |r, l| {
                     layout::retransmit_synack(&r.format("tcp:tcp_retransmit_synack")?, l).map_err(e)
@@ -370,7 +416,7 @@ impl KernelSupport {
         let structs = resolver
             .btf()
             .and_then(|b| layout::struct_offsets(b, &mut layout).map_err(|e| e.to_string()));
-        layout.synq_full_at_limit = u32::from(kernel::release_below(6, 14));
+        layout.synq_full_at_limit = u32::from(kernel::synq_full_at_limit());
         let timewait = if disabled.contains(&"timewait") {
             Err("collector timewait is disabled".to_string())
         } else {
@@ -382,9 +428,6 @@ impl KernelSupport {
             .iter()
             .map(|spec| {
                 let off = spec.collectors.iter().all(|c| disabled.contains(c));
-                // A forced mode binds the probes that have a path of that kind; the others
-                // keep their own choice.
-                let forced = spec.paths.iter().any(|p| p.hook.mode() == mode);
                 let paths = spec
                     .paths
                     .iter()
@@ -394,7 +437,7 @@ impl KernelSupport {
                                 "collector {} is disabled",
                                 spec.collectors.join(", ")
                             ))
-                        } else if forced && !mode.allows(path.hook) {
+                        } else if !mode.allows(spec, path.hook) {
                             Err(format!("--probe.mode={} excludes it", mode.label()))
                         } else {
                             structs
@@ -455,9 +498,8 @@ impl Probes {
                 // are kept for the message when none does.
                 let mut reasons = Vec::new();
                 for (path, available) in paths {
-                    let result = available.and_then(|()| {
-                        attach(&mut ebpf, &path, cgroup2.as_deref()).map_err(|e| e.to_string())
-                    });
+                    let result =
+                        available.and_then(|()| attach_all(&mut ebpf, &path, cgroup2.as_deref()));
                     match result {
                         Ok(program_id) => {
                             tracing::debug!(probe = spec.name, "attached to {}", path.hook);
@@ -534,19 +576,68 @@ impl Probes {
     }
 }
 
-fn attach(
+/// Attaches the path's program and its `also` programs; on a failure, unloads (detaches)
+/// those already attached, so that no half of a path counts.
+fn attach_all(
     ebpf: &mut Ebpf,
     path: &ProbePath,
     cgroup2: Option<&Path>,
+) -> Result<Option<u32>, String> {
+    let mut done: Vec<&'static str> = Vec::new();
+    let mut result = Ok(None);
+    for (program, hook) in
+        std::iter::once((path.program, path.hook)).chain(path.also.iter().copied())
+    {
+        match attach(ebpf, program, hook, cgroup2) {
+            Ok(id) => {
+                if program == path.program {
+                    result = Ok(id);
+                }
+                done.push(program);
+            }
+            Err(err) => {
+                for name in done {
+                    if let Some(p) = ebpf.program_mut(name) {
+                        let _ = unload(p);
+                    }
+                }
+                return Err(format!("{program} on {hook}: {err}"));
+            }
+        }
+    }
+    result
+}
+
+fn unload(program: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::RawTracePoint(p) => p.unload(),
+        aya::programs::Program::TracePoint(p) => p.unload(),
+        aya::programs::Program::CgroupSkb(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: Hook,
+    cgroup2: Option<&Path>,
 ) -> Result<Option<u32>, Box<dyn std::error::Error>> {
     let program = ebpf
-        .program_mut(path.program)
-        .ok_or_else(|| format!("program {} missing from the object", path.program))?;
-    match path.hook {
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?;
+    match hook {
         Hook::BtfTracepoint(name) => {
             let btf = aya::Btf::from_sys_fs()?;
             let program: &mut BtfTracePoint = program.try_into()?;
             program.load(name, &btf)?;
+            program.attach()?;
+        }
+        Hook::Fentry(function) => {
+            let btf = aya::Btf::from_sys_fs()?;
+            let program: &mut FEntry = program.try_into()?;
+            program.load(function, &btf)?;
             program.attach()?;
         }
         Hook::RawTracepoint(name) => {
@@ -583,7 +674,7 @@ fn attach(
     }
     // The id names the program in the kernel's run statistics; not having it is no failure.
     let id = ebpf
-        .program(path.program)
+        .program(name)
         .and_then(|p| p.info().ok())
         .map(|info| info.id());
     Ok(id)
