@@ -46,6 +46,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Show every TCP listener with its queues, its drops during an interval and a diagnosis.
     Listeners(ListenersArgs),
+    /// tcpdump expressions: compile and try them (`sockscope filter check`).
+    #[command(subcommand)]
+    Filter(crate::filters::FilterCommand),
 }
 
 /// Options of `sockscope run`.

@@ -10,6 +10,7 @@
 pub mod caps;
 pub mod check;
 pub mod cli;
+pub mod filters;
 pub mod kernel;
 pub mod listeners;
 pub mod listeners_cmd;
@@ -43,6 +44,10 @@ pub fn main() -> ExitCode {
             // would only repeat it on stderr.
             init_logging("error");
             listeners_cmd::main(&args)
+        }
+        Some(cli::Command::Filter(command)) => {
+            init_logging("warn");
+            filters::main(&command)
         }
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),

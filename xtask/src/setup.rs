@@ -17,6 +17,14 @@ const PACKAGES: &[Package] = &[
     ("libzstd-dev", "for bpf-linker's LLVM 22 link"),
     ("zlib1g-dev", "for bpf-linker's LLVM 22 link"),
     ("prometheus", "the tests check metrics with its promtool"),
+    (
+        "libpcap-dev",
+        "socket filters compile tcpdump expressions with libpcap",
+    ),
+    (
+        "tcpdump",
+        "the socket filter tests compare counts and captures with tcpdump",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
