@@ -85,6 +85,9 @@ pub struct RunArgs {
     /// Which collectors run.
     #[command(flatten)]
     pub collectors: CollectorFlags,
+    /// Socket filters on interfaces.
+    #[command(flatten)]
+    pub filters: crate::filters::FilterArgs,
 }
 
 /// Options of `sockscope check`.

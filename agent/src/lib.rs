@@ -69,7 +69,17 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 
 fn run_agent(args: cli::RunArgs) -> ExitCode {
     init_logging(&args.log_level);
-    match run::run(args) {
+    let extra = match filters::start(&args.filters) {
+        Ok(sources) => sources,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return match e {
+                filters::count::StartError::Usage(_) => ExitCode::from(2),
+                filters::count::StartError::Other(_) => ExitCode::FAILURE,
+            };
+        }
+    };
+    match run::run_with_sources(args, extra) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sockscope: {e}");

@@ -48,6 +48,11 @@ pub enum RunError {
 
 /// Runs the agent until a signal asks it to stop.
 pub fn run(args: RunArgs) -> Result<(), RunError> {
+    run_with_sources(args, Vec::new())
+}
+
+/// [`run`], serving also the metrics of `extra` sources started beforehand.
+pub fn run_with_sources(args: RunArgs, extra: Vec<Box<dyn Source>>) -> Result<(), RunError> {
     let missing = crate::caps::missing_required();
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing.join(", ")));
@@ -61,7 +66,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(args, listener))
+        .block_on(serve(args, listener, extra))
         .map_err(RunError::Startup)
 }
 
@@ -94,7 +99,11 @@ fn bind(address: ListenAddress) -> Result<StdListener, RunError> {
     Ok(listener)
 }
 
-async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    listener: StdListener,
+    extra: Vec<Box<dyn Source>>,
+) -> anyhow::Result<()> {
     let disabled = args.collectors.disabled();
     let support = KernelSupport::probe(&disabled, &args.paths.to_paths(), args.paths.probe_mode);
     let mut probes = match Probes::load(support, !args.watch_ports.is_empty()) {
@@ -170,6 +179,7 @@ async fn serve(args: RunArgs, listener: StdListener) -> anyhow::Result<()> {
             sources.push(Box::new(metrics::netstat::Sysctl::new(scan)));
         }
     }
+    sources.extend(extra);
     let metrics = Arc::new(Metrics::new(sources)?);
     record_probe_status(&metrics, probes.as_ref());
 

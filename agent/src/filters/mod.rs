@@ -1,8 +1,10 @@
 //! Socket filters: tcpdump expressions compiled by libpcap ([`compile`]), shown and tried
-//! offline by `sockscope filter check` ([`check_cmd`]).
+//! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
+//! filters of the agent ([`count`]).
 
 pub mod check_cmd;
 pub mod compile;
+pub mod count;
 
 use clap::Subcommand;
 
@@ -19,4 +21,28 @@ pub fn main(command: &FilterCommand) -> std::process::ExitCode {
     match command {
         FilterCommand::Check(args) => check_cmd::main(args),
     }
+}
+
+/// The agent's socket filter options (`sockscope run`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct FilterArgs {
+    /// A named tcpdump expression counted in the kernel on every --iface:
+    /// `NAME=EXPR` (repeatable) → sockscope_filter_packets_total{filter="NAME"}.
+    #[arg(long = "filter", value_name = "NAME=EXPR")]
+    pub filters: Vec<count::FilterSpec>,
+    /// An interface of the agent's own network namespace the socket filters watch
+    /// (repeatable; none by default: a packet tap costs every packet something).
+    #[arg(long = "iface", value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+}
+
+/// Starts what `args` asks for: the metric sources of the socket filters.
+pub fn start(args: &FilterArgs) -> Result<Vec<Box<dyn crate::metrics::Source>>, count::StartError> {
+    let mut sources: Vec<Box<dyn crate::metrics::Source>> = Vec::new();
+    if !args.filters.is_empty() {
+        let named = count::NamedFilters::start(&args.filters, &args.ifaces)?;
+        named.keep_polling(std::time::Duration::from_secs(5));
+        sources.push(Box::new(count::FilterSource(named)));
+    }
+    Ok(sources)
 }
