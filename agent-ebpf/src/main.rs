@@ -6,6 +6,7 @@
 mod kernel;
 mod listen;
 mod resets;
+mod segments;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -150,6 +150,14 @@ async fn serve(
         if args.collectors.enabled("listen") {
             listen_events = Some(take(probes, "LISTEN_EVENTS")?);
         }
+        if !args.filters.ifaces.is_empty() {
+            match crate::filters::segments::start(probes, &args.filters.ifaces, args.series_limit) {
+                Ok(segments) => sources.push(Box::new(segments)),
+                Err(e) => tracing::warn!(
+                    "the built-in socket filter is unavailable: {e:#}; sockscope_tcp_segments_total is absent"
+                ),
+            }
+        }
         let errors: PerCpuArray<MapData, u64> = take(probes, "MAP_ERRORS")?;
         sources.push(Box::new(metrics::ebpf::Ebpf::new(
             errors,

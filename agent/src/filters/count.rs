@@ -108,57 +108,72 @@ pub fn is_loopback(iface: &str) -> bool {
         || iface == "lo"
 }
 
+/// A packet socket bound to `iface` (of the current network namespace) for every protocol,
+/// with `attach` run on it before the bind, so that no packet arrives before its filter.
+/// Returns the socket and the interface index.
+pub fn packet_socket(
+    iface: &str,
+    attach: impl FnOnce(&OwnedFd) -> anyhow::Result<()>,
+) -> anyhow::Result<(OwnedFd, u32)> {
+    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| {
+        anyhow::anyhow!("interface `{iface}` does not exist in the agent's network namespace")
+    })?;
+    // Protocol 0: no packet is queued until the bind below, after the filter is in.
+    // SAFETY: plain socket(2).
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("opening a packet socket (needs CAP_NET_RAW)");
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    attach(&fd)?;
+    // SAFETY: zeroed sockaddr_ll, then filled.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("binding a packet socket to `{iface}`"));
+    }
+    Ok((fd, ifindex))
+}
+
 impl CountingSocket {
     /// Opens the socket on `iface` with `program` attached before any packet can arrive.
     pub fn open(iface: &str, program: &Program) -> anyhow::Result<Self> {
-        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| {
-            anyhow::anyhow!("interface `{iface}` does not exist in the agent's network namespace")
+        let loopback = is_loopback(iface);
+        let (fd, ifindex) = packet_socket(iface, |fd| {
+            let prog = libc::sock_fprog {
+                len: program.insns.len() as u16,
+                filter: program.insns.as_ptr().cast_mut(),
+            };
+            setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+                .context("attaching the classic BPF program")?;
+            // The kernel raises it to its minimum: a couple of packets stay queued, the
+            // rest are counted and dropped.
+            setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &0 as &libc::c_int)
+                .context("shrinking the receive buffer")?;
+            if loopback {
+                setsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    PACKET_IGNORE_OUTGOING,
+                    &1 as &libc::c_int,
+                )
+                .context("PACKET_IGNORE_OUTGOING (Linux 4.20 or later)")?;
+            }
+            Ok(())
         })?;
-        // Protocol 0: no packet is queued until the bind below, after the filter is in.
-        // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("opening a packet socket (needs CAP_NET_RAW)");
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let prog = libc::sock_fprog {
-            len: program.insns.len() as u16,
-            filter: program.insns.as_ptr().cast_mut(),
-        };
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
-            .context("attaching the classic BPF program")?;
-        // The kernel raises it to its minimum: a couple of packets stay queued, the rest are
-        // counted and dropped.
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &0 as &libc::c_int)
-            .context("shrinking the receive buffer")?;
-        if is_loopback(iface) {
-            setsockopt(
-                &fd,
-                libc::SOL_PACKET,
-                PACKET_IGNORE_OUTGOING,
-                &1 as &libc::c_int,
-            )
-            .context("PACKET_IGNORE_OUTGOING (Linux 4.20 or later)")?;
-        }
-        // SAFETY: zeroed sockaddr_ll, then filled.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: a valid sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("binding a packet socket to `{iface}`"));
-        }
         Ok(Self {
             fd,
             iface: iface.to_string(),

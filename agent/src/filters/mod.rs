@@ -1,10 +1,11 @@
 //! Socket filters: tcpdump expressions compiled by libpcap ([`compile`]), shown and tried
 //! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
-//! filters of the agent ([`count`]).
+//! filters of the agent ([`count`]); the built-in TCP segment classifier ([`segments`]).
 
 pub mod check_cmd;
 pub mod compile;
 pub mod count;
+pub mod segments;
 
 use clap::Subcommand;
 
