@@ -49,6 +49,8 @@ pub enum Command {
     /// tcpdump expressions: compile and try them (`sockscope filter check`).
     #[command(subcommand)]
     Filter(crate::filters::FilterCommand),
+    /// Capture the packets a tcpdump expression matches to a pcap file (or stdout).
+    Capture(crate::filters::capture::CaptureArgs),
 }
 
 /// Options of `sockscope run`.

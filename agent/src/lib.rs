@@ -49,6 +49,10 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             filters::main(&command)
         }
+        Some(cli::Command::Capture(args)) => {
+            init_logging("warn");
+            filters::capture::main(&args)
+        }
         Some(cli::Command::Run(args)) => run_agent(args),
         None => run_agent(cli.run),
     }

@@ -60,6 +60,24 @@ unsafe extern "C" {
         precision: c_uint,
     ) -> *mut c_void;
     fn pcap_close(p: *mut c_void);
+    fn pcap_setfilter(p: *mut c_void, fp: *mut BpfProgramRaw) -> c_int;
+}
+
+/// Sets `program` on a live handle (libpcap puts it in the kernel, as tcpdump's).
+pub fn set_filter(handle: &mut Capture<pcap::Active>, program: &Program) -> Result<(), String> {
+    let mut insns = program.insns.clone();
+    let mut raw = BpfProgramRaw {
+        bf_len: insns.len() as c_uint,
+        bf_insns: insns.as_mut_ptr(),
+    };
+    let p: *mut c_void = handle.as_ptr().cast();
+    // SAFETY: a live handle and a program of `bf_len` instructions; libpcap copies it.
+    if unsafe { pcap_setfilter(p, &mut raw) } != 0 {
+        // SAFETY: the handle's NUL-terminated error buffer.
+        let message = unsafe { CStr::from_ptr(pcap_geterr(p)) };
+        return Err(message.to_string_lossy().into_owned());
+    }
+    Ok(())
 }
 
 /// `struct bpf_program`.

@@ -2,6 +2,7 @@
 //! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
 //! filters of the agent ([`count`]); the built-in TCP segment classifier ([`segments`]).
 
+pub mod capture;
 pub mod check_cmd;
 pub mod compile;
 pub mod count;
