@@ -25,12 +25,18 @@
 //!   node_exporter's netstat and sockstat collectors (/metrics with 10,000 listeners), bpftrace
 //!   with a tracepoint-only script (its cost on the churn), and bcc's `tcpsynbl` (needs
 //!   kprobes). A tool that cannot run here is reported so, with the reason; nothing is faked.
+//! - `filters`: a bounded UDP stream over a veth pair without the agent, with its built-in
+//!   TCP segment classifier (`--iface`) and with ten count-only named filters (target ratio
+//!   ≥ 0.95; each round checks one filter's count); then `sockscope capture` and tcpdump on
+//!   the same stream: packets captured, dropped, CPU time.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
 
 #[path = "sockscope-bench/churn.rs"]
 mod churn;
+#[path = "sockscope-bench/filters.rs"]
+mod filters;
 #[path = "sockscope-bench/listeners.rs"]
 mod listeners;
 #[path = "sockscope-bench/measure.rs"]
@@ -90,6 +96,9 @@ pub struct Args {
     /// Never install missing peers (node_exporter, bpftrace) with apt-get
     #[arg(long)]
     no_install: bool,
+    /// UDP datagrams per round of the `filters` section
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    filter_packets: u64,
     /// Run only these sections, comma-separated (default: every section)
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -108,6 +117,9 @@ enum Section {
     Listeners,
     /// node_exporter, bpftrace and bcc's tcpsynbl beside the agent, where they can run
     Peers,
+    /// A packet stream without filters, with the built-in classifier, with ten named
+    /// filters; sockscope capture beside tcpdump
+    Filters,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +171,7 @@ fn run(args: &Args) -> Result<Vec<String>> {
             Section::Synflood => synflood::run(args),
             Section::Listeners => listeners::run(args),
             Section::Peers => peers::run(args),
+            Section::Filters => filters::run(args),
         };
         // One section that cannot run does not keep the others from reporting.
         match found.with_context(|| format!("section {section:?}")) {
