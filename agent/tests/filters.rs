@@ -5,7 +5,8 @@
 //! agent with one named filter per expression of the corpus watch its end in namespace A,
 //! next to one live tcpdump per expression. Then,
 //! for every expression, the agent's `sockscope_filter_packets_total` equals the number of
-//! packets tcpdump captured with it, and the file of `sockscope capture` holds the packets
+//! packets tcpdump captured with it and `sockscope_filter_bytes_total` their original
+//! lengths' sum, and the file of `sockscope capture` holds the packets
 //! tcpdump captured for the same expression, in order, with identical data and original
 //! length. tcpdump is a host tool: this test is host-only.
 //!
@@ -486,9 +487,20 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
             - before
                 .get("sockscope_filter_packets_total", &labels)
                 .unwrap_or(0.0);
-        eprintln!("{name} {expr:?}: tcpdump {expected}, sockscope {got}");
-        if got != expected {
-            mismatches.push(format!("{expr:?}: tcpdump {expected}, sockscope {got}"));
+        let expected_bytes: f64 = captured.iter().map(|(len, _)| f64::from(*len)).sum();
+        let got_bytes = after
+            .get("sockscope_filter_bytes_total", &labels)
+            .unwrap_or(-1.0)
+            - before
+                .get("sockscope_filter_bytes_total", &labels)
+                .unwrap_or(0.0);
+        eprintln!(
+            "{name} {expr:?}: tcpdump {expected} packets {expected_bytes} bytes, sockscope {got} packets {got_bytes} bytes"
+        );
+        if got != expected || got_bytes != expected_bytes {
+            mismatches.push(format!(
+                "{expr:?}: tcpdump {expected} packets {expected_bytes} bytes, sockscope {got} packets {got_bytes} bytes"
+            ));
         }
         if expected > 0.0 {
             nonzero += 1;

@@ -21,7 +21,11 @@ use std::{
 use anyhow::Context as _;
 use prometheus::proto::MetricFamily;
 
-use super::compile::{self, CompileError, Program};
+use super::{
+    bpf_sys::{self, CountMap},
+    compile::{self, CompileError, Program},
+    translate,
+};
 use crate::metrics::{
     SelfMetrics, Source,
     family::{FamilySpec, Kind},
@@ -74,6 +78,8 @@ pub struct CountingSocket {
     ifindex: u32,
     total: u64,
     gone: bool,
+    /// Counts in the [`CountMap`] (a translated program) rather than in its statistics.
+    in_map: bool,
 }
 
 fn setsockopt<T>(
@@ -149,16 +155,28 @@ pub fn packet_socket(
 }
 
 impl CountingSocket {
-    /// Opens the socket on `iface` with `program` attached before any packet can arrive.
-    pub fn open(iface: &str, program: &Program) -> anyhow::Result<Self> {
+    /// Opens the socket on `iface` with `program` attached before any packet can arrive:
+    /// its translation `translated` (a loaded eBPF program counting into the map) when
+    /// given, else the classic program itself.
+    pub fn open(
+        iface: &str,
+        program: &Program,
+        translated: Option<&OwnedFd>,
+    ) -> anyhow::Result<Self> {
         let loopback = is_loopback(iface);
         let (fd, ifindex) = packet_socket(iface, |fd| {
-            let prog = libc::sock_fprog {
-                len: program.insns.len() as u16,
-                filter: program.insns.as_ptr().cast_mut(),
-            };
-            setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
-                .context("attaching the classic BPF program")?;
+            if let Some(prog) = translated {
+                let prog_fd: libc::c_int = prog.as_raw_fd();
+                setsockopt(fd, libc::SOL_SOCKET, bpf_sys::SO_ATTACH_BPF, &prog_fd)
+                    .context("attaching the translated program")?;
+            } else {
+                let prog = libc::sock_fprog {
+                    len: program.insns.len() as u16,
+                    filter: program.insns.as_ptr().cast_mut(),
+                };
+                setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+                    .context("attaching the classic BPF program")?;
+            }
             // The kernel raises it to its minimum: a couple of packets stay queued, the
             // rest are counted and dropped.
             setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &0 as &libc::c_int)
@@ -180,12 +198,17 @@ impl CountingSocket {
             ifindex,
             total: 0,
             gone: false,
+            in_map: translated.is_some(),
         })
     }
 
     /// Adds the kernel's count since the last read (which the read resets) and returns the
     /// total.
     pub fn poll(&mut self) -> u64 {
+        if self.in_map {
+            self.check_interface();
+            return 0;
+        }
         let mut stats = libc::tpacket_stats {
             tp_packets: 0,
             tp_drops: 0,
@@ -233,6 +256,18 @@ pub struct NamedFilter {
 #[derive(Clone)]
 pub struct NamedFilters {
     filters: Arc<Mutex<Vec<NamedFilter>>>,
+    map: Option<Arc<CountMap>>,
+}
+
+/// A filter's counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Totals {
+    /// The `filter` label.
+    pub name: String,
+    /// Packets matched.
+    pub packets: u64,
+    /// Their bytes, when every socket of the filter runs the translated program.
+    pub bytes: Option<u64>,
 }
 
 /// Why the named filters could not start.
@@ -270,6 +305,15 @@ impl NamedFilters {
             compile::compile_dead(pcap::Linktype::ETHERNET, &spec.expr)
                 .map_err(|e| usage(&spec.name, e))?;
         }
+        let map = match CountMap::create(specs.len() as u32) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create the filters' counter map ({e}): they count packets only, no bytes"
+                );
+                None
+            }
+        };
         let mut filters: Vec<NamedFilter> = specs
             .iter()
             .map(|s| NamedFilter {
@@ -285,11 +329,27 @@ impl NamedFilters {
                     continue;
                 }
             };
-            for (spec, filter) in specs.iter().zip(filters.iter_mut()) {
+            for (index, (spec, filter)) in specs.iter().zip(filters.iter_mut()).enumerate() {
                 let program =
                     compile::compile_on(&handle, &spec.expr).map_err(|e| usage(&spec.name, e))?;
                 program.check_size(&spec.name).map_err(StartError::Usage)?;
-                let socket = CountingSocket::open(iface, &program)
+                let translated = map.as_ref().and_then(|map| {
+                    let loaded = translate::translate(&program.insns, map.raw_fd(), index as u32)
+                        .map_err(|e| e.to_string())
+                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"));
+                    match loaded {
+                        Ok(fd) => Some(fd),
+                        Err(e) => {
+                            tracing::warn!(
+                                filter = %spec.name,
+                                iface,
+                                "counting packets only, no bytes: the program could not be translated to eBPF: {e}"
+                            );
+                            None
+                        }
+                    }
+                });
+                let socket = CountingSocket::open(iface, &program, translated.as_ref())
                     .with_context(|| format!("filter `{}` on `{iface}`", spec.name))
                     .map_err(StartError::Other)?;
                 filter.sockets.push(socket);
@@ -302,17 +362,39 @@ impl NamedFilters {
         }
         Ok(Self {
             filters: Arc::new(Mutex::new(filters)),
+            map,
         })
     }
 
-    /// `(name, packets)` of every filter with at least one interface.
-    pub fn totals(&self) -> Vec<(String, u64)> {
+    /// The counts of every filter with at least one interface.
+    pub fn totals(&self) -> Vec<Totals> {
         let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-        filters
-            .iter_mut()
-            .filter(|f| !f.sockets.is_empty())
-            .map(|f| (f.name.clone(), f.sockets.iter_mut().map(|s| s.poll()).sum()))
-            .collect()
+        let mut out = Vec::new();
+        for (index, f) in filters.iter_mut().enumerate() {
+            if f.sockets.is_empty() {
+                continue;
+            }
+            let mut packets: u64 = f.sockets.iter_mut().map(|s| s.poll()).sum();
+            let all_in_map = f.sockets.iter().all(|s| s.in_map);
+            let mut bytes = None;
+            if f.sockets.iter().any(|s| s.in_map)
+                && let Some(map) = &self.map
+            {
+                match map.read(index as u32) {
+                    Ok((p, b)) => {
+                        packets += p;
+                        bytes = all_in_map.then_some(b);
+                    }
+                    Err(e) => tracing::warn!(filter = %f.name, "reading the counter map: {e}"),
+                }
+            }
+            out.push(Totals {
+                name: f.name.clone(),
+                packets,
+                bytes,
+            });
+        }
+        out
     }
 
     /// Reads the kernel's counters every `interval` on a thread of its own, so that its
@@ -344,7 +426,14 @@ const PACKETS: FamilySpec = FamilySpec {
     labels: &["filter"],
 };
 
-/// The collector of `sockscope_filter_packets_total`.
+const BYTES: FamilySpec = FamilySpec {
+    name: "sockscope_filter_bytes_total",
+    help: "On-wire bytes of the packets counted in sockscope_filter_packets_total, counted by the filter's program translated to eBPF; absent for a filter whose program could not be translated.",
+    kind: Kind::Counter,
+    labels: &["filter"],
+};
+
+/// The collector of `sockscope_filter_packets_total` and `sockscope_filter_bytes_total`.
 pub struct FilterSource(pub NamedFilters);
 
 impl Source for FilterSource {
@@ -353,15 +442,27 @@ impl Source for FilterSource {
     }
 
     fn specs(&self) -> Vec<FamilySpec> {
-        vec![PACKETS]
+        vec![PACKETS, BYTES]
     }
 
     fn collect(&self, _: &SelfMetrics) -> anyhow::Result<Vec<MetricFamily>> {
-        let totals: BTreeMap<String, u64> = self.0.totals().into_iter().collect();
-        let mut family = PACKETS.family();
-        for (name, packets) in &totals {
-            family.add(&[name], *packets as f64);
+        let totals: BTreeMap<String, Totals> = self
+            .0
+            .totals()
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut packets = PACKETS.family();
+        let mut bytes = BYTES.family();
+        for (name, t) in &totals {
+            packets.add(&[name], t.packets as f64);
+            if let Some(b) = t.bytes {
+                bytes.add(&[name], b as f64);
+            }
         }
-        Ok(family.finish().into_iter().collect())
+        Ok([packets.finish(), bytes.finish()]
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }

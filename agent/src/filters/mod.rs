@@ -2,11 +2,13 @@
 //! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
 //! filters of the agent ([`count`]); the built-in TCP segment classifier ([`segments`]).
 
+pub mod bpf_sys;
 pub mod capture;
 pub mod check_cmd;
 pub mod compile;
 pub mod count;
 pub mod segments;
+pub mod translate;
 
 use clap::Subcommand;
 
