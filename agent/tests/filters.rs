@@ -6,7 +6,7 @@
 //! next to one live tcpdump per expression. Then,
 //! for every expression, the agent's `sockscope_filter_packets_total` equals the number of
 //! packets tcpdump captured with it and `sockscope_filter_bytes_total` their original
-//! lengths' sum, and the file of `sockscope capture` holds the packets
+//! lengths' sum (and the classic mode's count equals it too, from a second agent), and the file of `sockscope capture` holds the packets
 //! tcpdump captured for the same expression, in order, with identical data and original
 //! length. tcpdump is a host tool: this test is host-only.
 //!
@@ -407,6 +407,16 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
         SocketAddr::from(([127, 0, 0, 1], 9844)),
     )?;
 
+    // The same filters once more, in classic mode (libpcap's program itself, packets only).
+    let mut classic_args = arg_refs.clone();
+    classic_args.extend(["--filter.mode", "classic"]);
+    let classic = AgentProcess::start(
+        &a,
+        Path::new(AGENT),
+        &classic_args,
+        SocketAddr::from(([127, 0, 0, 1], 9845)),
+    )?;
+
     // One live tcpdump per expression (the last one for the capture's), each with its own
     // file: what tcpdump captures live is the reference, VLAN offload included.
     let mut files = TempFiles(Vec::new());
@@ -436,6 +446,7 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
     wait_for_text(&capture_log, "listening on", &mut capture)?;
 
     let before = agent.scrape()?;
+    let classic_before = classic.scrape()?;
     let listener = a.run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, 8080)))??;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = {
@@ -452,6 +463,7 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
     // Let the last packets reach every socket and libpcap's blocks retire (1 s in tcpdump).
     std::thread::sleep(Duration::from_millis(1500));
     let after = agent.scrape()?;
+    let classic_after = classic.scrape()?;
     let capture_status = capture.terminate(Duration::from_secs(10))?;
     let capture_text = std::fs::read_to_string(&capture_log)?;
     ensure!(
@@ -497,6 +509,17 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
         eprintln!(
             "{name} {expr:?}: tcpdump {expected} packets {expected_bytes} bytes, sockscope {got} packets {got_bytes} bytes"
         );
+        let got_classic = classic_after
+            .get("sockscope_filter_packets_total", &labels)
+            .unwrap_or(-1.0)
+            - classic_before
+                .get("sockscope_filter_packets_total", &labels)
+                .unwrap_or(0.0);
+        if got_classic != expected {
+            mismatches.push(format!(
+                "{expr:?}: tcpdump {expected} packets, classic mode {got_classic}"
+            ));
+        }
         if got != expected || got_bytes != expected_bytes {
             mismatches.push(format!(
                 "{expr:?}: tcpdump {expected} packets {expected_bytes} bytes, sockscope {got} packets {got_bytes} bytes"

@@ -284,7 +284,11 @@ pub enum StartError {
 impl NamedFilters {
     /// Compiles every filter for every interface and opens their sockets. A missing
     /// interface is skipped with a warning; an invalid or oversized expression fails.
-    pub fn start(specs: &[FilterSpec], ifaces: &[String]) -> Result<Self, StartError> {
+    pub fn start(
+        specs: &[FilterSpec],
+        ifaces: &[String],
+        mode: super::FilterMode,
+    ) -> Result<Self, StartError> {
         if ifaces.is_empty() {
             return Err(StartError::Usage(
                 "--filter needs the interfaces to watch: add --iface IFACE (repeatable)".into(),
@@ -306,6 +310,7 @@ impl NamedFilters {
                 .map_err(|e| usage(&spec.name, e))?;
         }
         let map = match CountMap::create(specs.len() as u32) {
+            _ if mode == super::FilterMode::Classic => None,
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
                 tracing::warn!(

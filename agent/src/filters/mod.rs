@@ -38,13 +38,28 @@ pub struct FilterArgs {
     /// (repeatable; none by default: a packet tap costs every packet something).
     #[arg(long = "iface", value_name = "IFACE")]
     pub ifaces: Vec<String>,
+    /// How named filters count: `auto` runs libpcap's program translated to eBPF (packets
+    /// and bytes), falling back to `classic` for a program it cannot translate; `classic`
+    /// attaches libpcap's program itself and counts packets only (PACKET_STATISTICS).
+    #[arg(long = "filter.mode", value_enum, default_value_t = FilterMode::Auto)]
+    pub mode: FilterMode,
+}
+
+/// `--filter.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FilterMode {
+    /// Translated to eBPF where possible: packets and bytes.
+    #[default]
+    Auto,
+    /// libpcap's classic program: packets only.
+    Classic,
 }
 
 /// Starts what `args` asks for: the metric sources of the socket filters.
 pub fn start(args: &FilterArgs) -> Result<Vec<Box<dyn crate::metrics::Source>>, count::StartError> {
     let mut sources: Vec<Box<dyn crate::metrics::Source>> = Vec::new();
     if !args.filters.is_empty() {
-        let named = count::NamedFilters::start(&args.filters, &args.ifaces)?;
+        let named = count::NamedFilters::start(&args.filters, &args.ifaces, args.mode)?;
         named.keep_polling(std::time::Duration::from_secs(5));
         sources.push(Box::new(count::FilterSource(named)));
     }
