@@ -249,13 +249,18 @@ impl CountingSocket {
 pub struct NamedFilter {
     /// The `filter` label.
     pub name: String,
+    /// Its own sockets (where it does not share the interface's combined program).
     sockets: Vec<CountingSocket>,
+    /// Interfaces where the combined program counts it.
+    shared: usize,
 }
 
 /// The named filters of a running agent.
 #[derive(Clone)]
 pub struct NamedFilters {
     filters: Arc<Mutex<Vec<NamedFilter>>>,
+    /// One socket per interface running every filter's translation in one program.
+    combined: Arc<Mutex<Vec<CountingSocket>>>,
     map: Option<Arc<CountMap>>,
 }
 
@@ -324,8 +329,10 @@ impl NamedFilters {
             .map(|s| NamedFilter {
                 name: s.name.clone(),
                 sockets: Vec::new(),
+                shared: 0,
             })
             .collect();
+        let mut combined = Vec::new();
         for iface in ifaces {
             let handle = match compile::open_live_for_compile(iface) {
                 Ok(h) => h,
@@ -334,10 +341,52 @@ impl NamedFilters {
                     continue;
                 }
             };
-            for (index, (spec, filter)) in specs.iter().zip(filters.iter_mut()).enumerate() {
+            let mut programs = Vec::with_capacity(specs.len());
+            for spec in specs {
                 let program =
                     compile::compile_on(&handle, &spec.expr).map_err(|e| usage(&spec.name, e))?;
                 program.check_size(&spec.name).map_err(StartError::Usage)?;
+                programs.push(program);
+            }
+            // All the filters in one program, one packet tap: the cheap way.
+            if let Some(map) = map.as_ref().filter(|_| !programs.is_empty()) {
+                let loaded = {
+                    let list: Vec<(&[libc::sock_filter], u32)> = programs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (p.insns.as_slice(), i as u32))
+                        .collect();
+                    translate::translate_many(&list, map.raw_fd())
+                        .map_err(|e| e.to_string())
+                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                };
+                match loaded {
+                    Ok(fd) => {
+                        let socket = CountingSocket::open(iface, &programs[0], Some(&fd))
+                            .with_context(|| format!("the named filters on `{iface}`"))
+                            .map_err(StartError::Other)?;
+                        combined.push(socket);
+                        for filter in &mut filters {
+                            filter.shared += 1;
+                        }
+                        tracing::info!(
+                            iface,
+                            filters = specs.len(),
+                            "counting the named filters in the kernel, in one program"
+                        );
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(
+                        iface,
+                        "the filters do not run as one program ({e}); one socket each"
+                    ),
+                }
+            }
+            for (index, (program, (spec, filter))) in programs
+                .iter()
+                .zip(specs.iter().zip(filters.iter_mut()))
+                .enumerate()
+            {
                 let translated = map.as_ref().and_then(|map| {
                     let loaded = translate::translate(&program.insns, map.raw_fd(), index as u32)
                         .map_err(|e| e.to_string())
@@ -354,7 +403,7 @@ impl NamedFilters {
                         }
                     }
                 });
-                let socket = CountingSocket::open(iface, &program, translated.as_ref())
+                let socket = CountingSocket::open(iface, program, translated.as_ref())
                     .with_context(|| format!("filter `{}` on `{iface}`", spec.name))
                     .map_err(StartError::Other)?;
                 filter.sockets.push(socket);
@@ -367,22 +416,32 @@ impl NamedFilters {
         }
         Ok(Self {
             filters: Arc::new(Mutex::new(filters)),
+            combined: Arc::new(Mutex::new(combined)),
             map,
         })
     }
 
     /// The counts of every filter with at least one interface.
     pub fn totals(&self) -> Vec<Totals> {
+        // Notices interfaces that went away.
+        for socket in self
+            .combined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            socket.poll();
+        }
         let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         for (index, f) in filters.iter_mut().enumerate() {
-            if f.sockets.is_empty() {
+            if f.sockets.is_empty() && f.shared == 0 {
                 continue;
             }
             let mut packets: u64 = f.sockets.iter_mut().map(|s| s.poll()).sum();
             let all_in_map = f.sockets.iter().all(|s| s.in_map);
             let mut bytes = None;
-            if f.sockets.iter().any(|s| s.in_map)
+            if (f.shared > 0 || f.sockets.iter().any(|s| s.in_map))
                 && let Some(map) = &self.map
             {
                 match map.read(index as u32) {

@@ -116,9 +116,12 @@ const SKB_IFINDEX: i16 = 40;
 /// Where a jump goes before offsets are known.
 #[derive(Clone, Copy)]
 enum Target {
-    Classic(usize),
-    Drop,
-    Count,
+    /// Instruction `.1` of program `.0`.
+    Classic(usize, usize),
+    /// Program `.0` rejects the packet.
+    Drop(usize),
+    /// Program `.0` accepts it.
+    Count(usize),
 }
 
 /// Why a program was not translated.
@@ -133,6 +136,8 @@ pub struct Untranslatable {
 struct Emitter {
     out: Vec<Insn>,
     fixups: Vec<(usize, Target)>,
+    /// The program being emitted.
+    program: usize,
 }
 
 impl Emitter {
@@ -152,7 +157,7 @@ impl Emitter {
         self.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(BUF)));
         self.push(insn(E_ALU64 | E_MOV, R4, 0, 0, i32::from(size)));
         self.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_SKB_LOAD_BYTES));
-        self.jump(insn(E_JMP | E_JNE, R0, 0, 0, 0), Target::Drop);
+        self.jump(insn(E_JMP | E_JNE, R0, 0, 0, 0), Target::Drop(self.program));
         let (sz, swap) = match size {
             4 => (E_SZ_W, 32),
             2 => (E_SZ_H, 16),
@@ -176,17 +181,81 @@ pub fn translate(
     map_fd: i32,
     index: u32,
 ) -> Result<Vec<Insn>, Untranslatable> {
+    translate_many(&[(classic, index)], map_fd)
+}
+
+/// Translates several classic programs into one eBPF socket filter that runs each in turn,
+/// each counting what it accepts into its own slot: one packet tap for all the filters of an
+/// interface instead of one each.
+pub fn translate_many(
+    programs: &[(&[libc::sock_filter], u32)],
+    map_fd: i32,
+) -> Result<Vec<Insn>, Untranslatable> {
     let mut e = Emitter {
         out: Vec::new(),
         fixups: Vec::new(),
+        program: 0,
     };
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R6, R1, 0, 0));
+    let mut starts: Vec<Vec<usize>> = Vec::new();
+    let mut drops = Vec::new();
+    let mut counts = Vec::new();
+    let mut ends = Vec::new();
+    for (p, (classic, index)) in programs.iter().enumerate() {
+        e.program = p;
+        let (s, end) = emit_program(&mut e, classic)?;
+        starts.push(s);
+        // Falling off the end is not possible in a valid classic program; drop anyway.
+        drops.push(end);
+        e.push(insn(E_JMP | E_JA, 0, 0, 0, 0));
+        ends.push(e.out.len() - 1);
+        counts.push(e.out.len());
+        emit_count(&mut e, *index, map_fd);
+        e.push(insn(E_JMP | E_JA, 0, 0, 0, 0));
+        ends.push(e.out.len() - 1);
+    }
+    let exit_at = e.out.len();
+    e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
+    e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
+    let too_far = |at: usize| Untranslatable {
+        index: at,
+        code: 0,
+        k: 0,
+    };
+    // Each program's two exits go on to the next program (or the end).
+    for (n, at) in ends.iter().enumerate() {
+        let p = n / 2;
+        let to = starts
+            .get(p + 1)
+            .and_then(|s| s.first().copied())
+            .unwrap_or(exit_at);
+        e.out[*at].off = i16::try_from(to as i64 - *at as i64 - 1).map_err(|_| too_far(*at))?;
+    }
+    for (at, target) in std::mem::take(&mut e.fixups) {
+        let to = match target {
+            Target::Classic(p, i) => *starts[p].get(i).ok_or(too_far(i))?,
+            Target::Drop(p) => drops[p],
+            Target::Count(p) => counts[p],
+        };
+        e.out[at].off = i16::try_from(to as i64 - at as i64 - 1).map_err(|_| too_far(at))?;
+    }
+    Ok(e.out)
+}
+
+/// Emits one classic program; returns where each of its instructions starts (the first
+/// entry is the program's start, before its prologue) and where its drop exit is.
+fn emit_program(
+    e: &mut Emitter,
+    classic: &[libc::sock_filter],
+) -> Result<(Vec<usize>, usize), Untranslatable> {
+    let program_start = e.out.len();
     e.push(insn(E_ALU64 | E_MOV, RA, 0, 0, 0));
     e.push(insn(E_ALU64 | E_MOV, RX, 0, 0, 0));
     for slot in 0..16 {
         e.push(insn(E_ST | E_MEM | E_SZ_W, FP, 0, MEM_BASE + slot * 4, 0));
     }
     let mut starts = Vec::with_capacity(classic.len());
+    let p = e.program;
     for (n, f) in classic.iter().enumerate() {
         starts.push(e.out.len());
         let bad = || Untranslatable {
@@ -276,7 +345,7 @@ pub fn translate(
                     e.push(insn(E_ALU | op, RA, 0, 0, 0));
                 } else if f.code & 0x08 == X {
                     if op == 0x30 || op == 0x90 {
-                        e.jump(insn(E_JMP | E_JEQ, RX, 0, 0, 0), Target::Drop);
+                        e.jump(insn(E_JMP | E_JEQ, RX, 0, 0, 0), Target::Drop(p));
                     }
                     e.push(insn(E_ALU | op | E_SRC_X, RA, RX, 0, 0));
                 } else {
@@ -292,7 +361,7 @@ pub fn translate(
                 if op == 0x00 {
                     e.jump(
                         insn(E_JMP | E_JA, 0, 0, 0, 0),
-                        Target::Classic(next + f.k as usize),
+                        Target::Classic(p, next + f.k as usize),
                     );
                     continue;
                 }
@@ -305,18 +374,18 @@ pub fn translate(
                 } else {
                     insn(E_JMP32 | op, RA, 0, 0, k)
                 };
-                e.jump(cond, Target::Classic(next + usize::from(f.jt)));
+                e.jump(cond, Target::Classic(p, next + usize::from(f.jt)));
                 e.jump(
                     insn(E_JMP | E_JA, 0, 0, 0, 0),
-                    Target::Classic(next + usize::from(f.jf)),
+                    Target::Classic(p, next + usize::from(f.jf)),
                 );
             }
             RET => match f.code & 0x18 {
-                K if f.k == 0 => e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Drop),
-                K => e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Count),
+                K if f.k == 0 => e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Drop(p)),
+                K => e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Count(p)),
                 SRC_A => {
-                    e.jump(insn(E_JMP32 | E_JEQ, RA, 0, 0, 0), Target::Drop);
-                    e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Count);
+                    e.jump(insn(E_JMP32 | E_JEQ, RA, 0, 0, 0), Target::Drop(p));
+                    e.jump(insn(E_JMP | E_JA, 0, 0, 0, 0), Target::Count(p));
                 }
                 _ => return Err(bad()),
             },
@@ -328,18 +397,28 @@ pub fn translate(
             _ => return Err(bad()),
         }
     }
-    // Falling off the end is not possible in a valid classic program; drop anyway.
+    // Jumps to the program's first instruction land on its prologue.
+    if let Some(first) = starts.first_mut() {
+        *first = program_start;
+    }
+    if starts.is_empty() {
+        starts.push(program_start);
+    }
     let drop_at = e.out.len();
-    e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
-    e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
-    let count_at = e.out.len();
+    Ok((starts, drop_at))
+}
+
+/// `map[index].packets += 1; map[index].bytes += on-wire length`.
+fn emit_count(e: &mut Emitter, index: u32, map_fd: i32) {
     e.push(insn(E_ST | E_MEM | E_SZ_W, FP, 0, KEY, index as i32));
     e.push(insn(E_LD | E_IMM | E_SZ_DW, R1, PSEUDO_MAP_FD, 0, map_fd));
     e.push(insn(0, 0, 0, 0, 0));
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R2, FP, 0, 0));
     e.push(insn(E_ALU64 | E_ADD, R2, 0, 0, i32::from(KEY)));
     e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
-    e.jump(insn(E_JMP | E_JEQ, R0, 0, 0, 0), Target::Drop);
+    // No entry (impossible for an index below max_entries): skip the 11 instructions of
+    // the update.
+    e.push(insn(E_JMP | E_JEQ, R0, 0, 11, 0));
     e.push(insn(E_LDX | E_MEM | E_SZ_DW, R1, R0, 0, 0));
     e.push(insn(E_ALU64 | E_ADD, R1, 0, 0, 1));
     e.push(insn(E_STX | E_MEM | E_SZ_DW, R0, R1, 0, 0));
@@ -353,25 +432,6 @@ pub fn translate(
     e.push(insn(E_ALU64 | E_ADD | E_SRC_X, R1, R2, 0, 0));
     e.push(insn(E_STX | E_MEM | E_SZ_DW, R0, R1, 8, 0));
     e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
-    e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
-    for (at, target) in e.fixups {
-        let to = match target {
-            Target::Classic(i) => *starts.get(i).ok_or(Untranslatable {
-                index: i,
-                code: 0,
-                k: 0,
-            })?,
-            Target::Drop => drop_at,
-            Target::Count => count_at,
-        };
-        let off = to as i64 - at as i64 - 1;
-        e.out[at].off = i16::try_from(off).map_err(|_| Untranslatable {
-            index: at,
-            code: 0,
-            k: 0,
-        })?;
-    }
-    Ok(e.out)
 }
 
 #[cfg(test)]
