@@ -451,9 +451,15 @@ mod tests {
             f(RET | K, 0, 0, 262_144),
             f(RET | K, 0, 0, 0),
         ];
-        let out = translate(&classic, 3, 0).expect("translates");
+        let out = translate_many(&[(&classic, 0), (&classic, 1)], 3).expect("translates");
         let exits = out.iter().filter(|i| i.code == E_JMP | E_EXIT).count();
-        assert_eq!(exits, 2, "one drop and one count epilogue");
+        assert_eq!(exits, 1, "both programs go on to one exit");
+        let slots: Vec<i32> = out
+            .iter()
+            .filter(|i| i.code == E_ST | E_MEM | E_SZ_W && i.off == KEY)
+            .map(|i| i.imm)
+            .collect();
+        assert_eq!(slots, [0, 1], "each program counts into its own slot");
         for (at, i) in out.iter().enumerate() {
             let class = i.code & 0x07;
             if (class == E_JMP || class == E_JMP32)
