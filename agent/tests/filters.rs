@@ -74,6 +74,9 @@ const CORPUS: &[&str] = &[
     "ip and ip[8] = 64",
     "ether broadcast",
     "not tcp and not udp",
+    // Arithmetic: libpcap keeps intermediate values in scratch memory.
+    "ip[2:2] - ((ip[0] & 0xf) << 2) > 100",
+    "ip[8] + ip[9] > 70",
 ];
 
 /// What `sockscope capture` captures, compared with tcpdump's selection.

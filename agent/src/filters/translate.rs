@@ -251,8 +251,14 @@ fn emit_program(
     let program_start = e.out.len();
     e.push(insn(E_ALU64 | E_MOV, RA, 0, 0, 0));
     e.push(insn(E_ALU64 | E_MOV, RX, 0, 0, 0));
-    for slot in 0..16 {
-        e.push(insn(E_ST | E_MEM | E_SZ_W, FP, 0, MEM_BASE + slot * 4, 0));
+    // Scratch memory is zeroed only for a program that reads it (most never do).
+    let reads_memory = classic
+        .iter()
+        .any(|f| matches!(f.code & 0x07, LD | LDX) && f.code & 0xe0 == MEM);
+    if reads_memory {
+        for slot in 0..16 {
+            e.push(insn(E_ST | E_MEM | E_SZ_W, FP, 0, MEM_BASE + slot * 4, 0));
+        }
     }
     let mut starts = Vec::with_capacity(classic.len());
     let p = e.program;
