@@ -686,3 +686,70 @@ fn invalid_expressions_and_missing_interfaces() -> Result<()> {
     );
     Ok(())
 }
+
+/// `-w -` streams to a pipe; when the reader goes away the capture ends cleanly (exit 0,
+/// said on stderr), and a device that refuses writes ends it with the reason.
+#[test]
+fn capture_to_a_pipe_that_closes_and_to_a_full_device() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["capture", "-i", "lo", "-w", "-", "udp port 5353"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ns.spawn(cmd)?;
+    let mut stdout = child.child_mut().stdout.take().context("stdout")?;
+    // The pcap file header arrives first, before any packet.
+    let mut header = [0u8; 24];
+    stdout.read_exact(&mut header)?;
+    assert_eq!(
+        u32::from_ne_bytes(header[..4].try_into()?),
+        0xa1b2_c3d4,
+        "a pcap header"
+    );
+    drop(stdout);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        ns.run(|| -> Result<()> {
+            let udp = UdpSocket::bind("127.0.0.1:0")?;
+            for _ in 0..50 {
+                udp.send_to(&[0u8; 200], "127.0.0.1:5353")?;
+            }
+            Ok(())
+        })??;
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "capture did not stop on a closed pipe"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    child
+        .child_mut()
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut stderr)?;
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("went away"), "{stderr}");
+    assert!(
+        stderr.contains("packets captured"),
+        "tcpdump's summary: {stderr}"
+    );
+
+    let out = ns.run(|| {
+        Command::new(AGENT)
+            .args(["capture", "-i", "lo", "-w", "/dev/full", "-c", "1", "udp"])
+            .output()
+    })??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    Ok(())
+}
