@@ -753,3 +753,61 @@ fn capture_to_a_pipe_that_closes_and_to_a_full_device() -> Result<()> {
     assert!(err.contains("No space left on device"), "{err}");
     Ok(())
 }
+
+/// An interface that goes away is reported; the filters go on counting on the others.
+#[test]
+fn a_vanishing_interface_is_reported_and_the_rest_keeps_counting() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let a = Netns::new()?;
+    let b = Netns::new()?;
+    let veth = a.veth_pair(
+        &b,
+        (IpAddr::V4(Ipv4Addr::new(10, 79, 0, 1)), 24),
+        (IpAddr::V4(Ipv4Addr::new(10, 79, 0, 2)), 24),
+    )?;
+    let agent = AgentProcess::start(
+        &a,
+        Path::new(AGENT),
+        &[
+            "--no-collector.listen",
+            "--no-collector.resets",
+            "--iface",
+            &veth.local,
+            "--iface",
+            "lo",
+            "--filter",
+            "udp=udp port 5353",
+        ],
+        SocketAddr::from(([127, 0, 0, 1], 9844)),
+    )?;
+    // The peer's namespace goes, and the veth pair with it.
+    drop(b);
+    let gone = format!("interface `{}` has gone", veth.local);
+    wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        agent.scrape()?;
+        Ok(agent.log().contains(&gone))
+    })
+    .with_context(|| agent.log())?;
+    let labels = [("filter", "udp")];
+    let before = agent
+        .scrape()?
+        .get("sockscope_filter_packets_total", &labels)
+        .context("the filter's series")?;
+    a.run(|| -> Result<()> {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        for _ in 0..30 {
+            udp.send_to(b"x", "127.0.0.1:5353")?;
+        }
+        Ok(())
+    })??;
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        Ok(agent
+            .scrape()?
+            .get("sockscope_filter_packets_total", &labels)
+            == Some(before + 30.0))
+    })
+    .with_context(|| agent.log())?;
+    Ok(())
+}
