@@ -192,17 +192,35 @@ fn vlan_frame(vid: u16, proto: u8, n: u16) -> Vec<u8> {
     frame
 }
 
+/// A raw socket of `domain`/`protocol`, owned.
+fn raw_socket(domain: libc::c_int, protocol: libc::c_int) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let raw = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    ensure!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// sendto(2) of `buf` to the address `addr` (a `sockaddr_*`).
+fn send_to_addr<A>(fd: &OwnedFd, buf: &[u8], addr: &A) -> Result<()> {
+    // SAFETY: a valid buffer and an address of the size given.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            0,
+            (addr as *const A).cast(),
+            std::mem::size_of::<A>() as u32,
+        )
+    };
+    ensure!(rc >= 0, "sendto: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
 fn send_frames(iface: &str, frames: &[Vec<u8>]) -> Result<()> {
     let ifindex = nix::net::if_::if_nametoindex(iface)?;
-    // SAFETY: plain socket(2), owned below.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    ensure!(
-        raw >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = raw_socket(libc::AF_PACKET, 0)?;
     for frame in frames {
         // SAFETY: zeroed then filled sockaddr_ll.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -210,34 +228,13 @@ fn send_frames(iface: &str, frames: &[Vec<u8>]) -> Result<()> {
         addr.sll_ifindex = ifindex as i32;
         addr.sll_halen = 6;
         addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: valid buffer and address.
-        let rc = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        ensure!(rc >= 0, "sendto: {}", std::io::Error::last_os_error());
+        send_to_addr(&fd, frame, &addr)?;
     }
     Ok(())
 }
 
 fn icmp_echoes(to: Ipv4Addr, count: u16) -> Result<()> {
-    // SAFETY: plain socket(2), owned below.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMP,
-        )
-    };
-    ensure!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = raw_socket(libc::AF_INET, libc::IPPROTO_ICMP)?;
     for seq in 0..count {
         let mut msg = vec![8, 0, 0, 0, 0x12, 0x34];
         msg.extend_from_slice(&seq.to_be_bytes());
@@ -252,18 +249,7 @@ fn icmp_echoes(to: Ipv4Addr, count: u16) -> Result<()> {
             },
             sin_zero: [0; 8],
         };
-        // SAFETY: valid buffer and address.
-        let rc = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        ensure!(rc >= 0, "sendto: {}", std::io::Error::last_os_error());
+        send_to_addr(&fd, &msg, &addr)?;
     }
     Ok(())
 }
