@@ -538,6 +538,17 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
     Ok(())
 }
 
+/// `count` datagrams of `size` bytes to 127.0.0.1:5353 inside `ns`.
+fn udp_to_mdns_on_lo(ns: &Netns, count: usize, size: usize) -> Result<()> {
+    ns.run(|| -> Result<()> {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        for _ in 0..count {
+            udp.send_to(&vec![0u8; size], "127.0.0.1:5353")?;
+        }
+        Ok(())
+    })?
+}
+
 fn sockscope(args: &[&str]) -> Result<std::process::Output> {
     Ok(Command::new(AGENT).args(args).output()?)
 }
@@ -650,13 +661,7 @@ fn invalid_expressions_and_missing_interfaces() -> Result<()> {
         ],
         SocketAddr::from(([127, 0, 0, 1], 9844)),
     )?;
-    ns.run(|| -> Result<()> {
-        let udp = UdpSocket::bind("127.0.0.1:0")?;
-        for _ in 0..25 {
-            udp.send_to(b"x", "127.0.0.1:5353")?;
-        }
-        Ok(())
-    })??;
+    udp_to_mdns_on_lo(&ns, 25, 1)?;
     let labels = [("filter", "udp")];
     wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
         Ok(agent
@@ -699,13 +704,7 @@ fn capture_to_a_pipe_that_closes_and_to_a_full_device() -> Result<()> {
     drop(stdout);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        ns.run(|| -> Result<()> {
-            let udp = UdpSocket::bind("127.0.0.1:0")?;
-            for _ in 0..50 {
-                udp.send_to(&[0u8; 200], "127.0.0.1:5353")?;
-            }
-            Ok(())
-        })??;
+        udp_to_mdns_on_lo(&ns, 50, 200)?;
         if let Some(status) = child.try_wait()? {
             break status;
         }
@@ -781,13 +780,7 @@ fn a_vanishing_interface_is_reported_and_the_rest_keeps_counting() -> Result<()>
         .scrape()?
         .get("sockscope_filter_packets_total", &labels)
         .context("the filter's series")?;
-    a.run(|| -> Result<()> {
-        let udp = UdpSocket::bind("127.0.0.1:0")?;
-        for _ in 0..30 {
-            udp.send_to(b"x", "127.0.0.1:5353")?;
-        }
-        Ok(())
-    })??;
+    udp_to_mdns_on_lo(&a, 30, 1)?;
     wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
         Ok(agent
             .scrape()?
