@@ -91,6 +91,7 @@ const R4: u8 = 4;
 const R6: u8 = 6;
 const RA: u8 = 7;
 const RX: u8 = 8;
+const R9: u8 = 9;
 const FP: u8 = 10;
 
 const HELPER_MAP_LOOKUP: i32 = 1;
@@ -101,6 +102,12 @@ const PSEUDO_MAP_FD: u8 = 1;
 const MEM_BASE: i16 = -64;
 const BUF: i16 = -72;
 const KEY: i16 = -80;
+/// The first [`HEAD_BYTES`] of the packet, read once per packet at fp-208.
+const HEAD: i16 = -208;
+/// How much of the packet is read ahead: what libpcap's fixed-offset loads mostly reach.
+const HEAD_BYTES: i32 = 128;
+const E_OR: u8 = 0x40;
+const E_JLT: u8 = 0xa0;
 
 const SKF_AD_OFF: i64 = -0x1000;
 
@@ -169,6 +176,32 @@ impl Emitter {
         }
     }
 
+    /// A = packet bytes at the fixed offset `k`: from the head read ahead when they lie in
+    /// it (R9 = how many bytes it holds), else through the helper.
+    fn load_fixed(&mut self, k: i32, size: u8) {
+        let end = k + i32::from(size);
+        if end > HEAD_BYTES {
+            self.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
+            self.load_packet(size);
+            return;
+        }
+        // Byte by byte: the verifier wants aligned stack reads.
+        let fast = 1 + 3 * (usize::from(size) - 1);
+        let slow = 1 + 6 + 1 + if size > 1 { 1 } else { 0 };
+        self.push(insn(E_JMP | E_JLT, R9, 0, fast as i16 + 1, end));
+        self.push(insn(E_LDX | E_MEM | E_SZ_B, RA, FP, HEAD + k as i16, 0));
+        for i in 1..i16::from(size) {
+            self.push(insn(E_ALU | E_LSH, RA, 0, 0, 8));
+            self.push(insn(E_LDX | E_MEM | E_SZ_B, R1, FP, HEAD + k as i16 + i, 0));
+            self.push(insn(E_ALU | E_OR | E_SRC_X, RA, R1, 0, 0));
+        }
+        self.push(insn(E_JMP | E_JA, 0, 0, slow as i16, 0));
+        let before = self.out.len();
+        self.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
+        self.load_packet(size);
+        debug_assert_eq!(self.out.len() - before, slow, "slow path length");
+    }
+
     fn load_skb(&mut self, dst: u8, field: i16) {
         self.push(insn(E_LDX | E_MEM | E_SZ_W, dst, R6, field, 0));
     }
@@ -197,6 +230,24 @@ pub fn translate_many(
         program: 0,
     };
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R6, R1, 0, 0));
+    // Read the head of the packet once: R9 = min(len, HEAD_BYTES) bytes at HEAD (zeroed
+    // first, so the verifier knows it initialized); R9 = 0 if that fails.
+    for slot in 0..(HEAD_BYTES as i16 / 8) {
+        e.push(insn(E_ST | E_MEM | E_SZ_DW, FP, 0, HEAD + slot * 8, 0));
+    }
+    e.load_skb(R9, SKB_LEN);
+    e.push(insn(E_JMP | E_JLT, R9, 0, 1, HEAD_BYTES + 1));
+    e.push(insn(E_ALU64 | E_MOV, R9, 0, 0, HEAD_BYTES));
+    // An empty packet: nothing read ahead.
+    e.push(insn(E_JMP | E_JLT, R9, 0, 8, 1));
+    e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R1, R6, 0, 0));
+    e.push(insn(E_ALU64 | E_MOV, R2, 0, 0, 0));
+    e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, FP, 0, 0));
+    e.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(HEAD)));
+    e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R4, R9, 0, 0));
+    e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_SKB_LOAD_BYTES));
+    e.push(insn(E_JMP | E_JEQ, R0, 0, 1, 0));
+    e.push(insn(E_ALU64 | E_MOV, R9, 0, 0, 0));
     let mut starts: Vec<Vec<usize>> = Vec::new();
     let mut drops = Vec::new();
     let mut counts = Vec::new();
@@ -305,10 +356,7 @@ fn emit_program(
                             e.push(insn(E_ALU | E_END | E_TO_BE, RA, 0, 0, 16));
                         }
                     }
-                    ABS if class == LD => {
-                        e.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
-                        e.load_packet(size);
-                    }
+                    ABS if class == LD => e.load_fixed(k, size),
                     IND if class == LD => {
                         e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R2, RX, 0, 0));
                         e.push(insn(E_ALU64 | E_ADD, R2, 0, 0, k));
