@@ -1,15 +1,20 @@
 //! Named filters counted in the kernel: `--filter NAME=EXPR` on each `--iface`.
 //!
-//! Each (filter, interface) pair is a packet socket carrying tcpdump's compiled classic BPF
-//! program and never read: its receive buffer is as small as the kernel allows, so matching
-//! packets are counted by the kernel (`PACKET_STATISTICS`: `tp_packets` includes the ones
-//! dropped for want of room) and then dropped before any copy; nothing reaches userspace.
-//! On a loopback interface `PACKET_IGNORE_OUTGOING` leaves the outgoing copy of each packet
-//! out, as libpcap does, so the count equals tcpdump's. Reading the statistics resets them:
-//! they are added up here, under a lock, at every scrape and every few seconds (the kernel's
-//! counter is 32 bits wide).
+//! Each filter is compiled by libpcap on a live handle of each interface. Normally all the
+//! filters of an interface run as one eBPF program ([`translate::translate_many`]) on one
+//! packet socket: each counts the packets its classic program accepts, and their bytes, in
+//! its slot of a per-CPU array ([`CountMap`]), and the program returns 0, so nothing is
+//! queued. Where that fails, each filter gets a socket of its own, translated alone or, if
+//! it cannot be translated (or with `--filter.mode classic`), carrying the classic program
+//! itself: such a socket is never read and its receive buffer is as small as the kernel
+//! allows, so matching packets are counted by the kernel (`PACKET_STATISTICS`: `tp_packets`
+//! includes the ones dropped for want of room) and dropped before any copy. Reading the
+//! statistics resets them: they are added up here, under a lock, at every scrape and every
+//! few seconds (the kernel's counter is 32 bits wide).
 //!
-//! The interfaces are those of the agent's own network namespace.
+//! On a loopback interface `PACKET_IGNORE_OUTGOING` leaves the outgoing copy of each packet
+//! out, as libpcap does, so the count equals tcpdump's. The interfaces are those of the
+//! agent's own network namespace.
 
 use std::{
     collections::BTreeMap,
@@ -485,7 +490,7 @@ fn usage(name: &str, e: CompileError) -> StartError {
 
 const PACKETS: FamilySpec = FamilySpec {
     name: "sockscope_filter_packets_total",
-    help: "Packets matching a named tcpdump expression (--filter NAME=EXPR) on the interfaces named with --iface, counted in the kernel by its classic BPF program, as tcpdump would capture them.",
+    help: "Packets matching a named tcpdump expression (--filter NAME=EXPR) on the interfaces named with --iface, counted in the kernel by libpcap's program for it, as tcpdump would capture them.",
     kind: Kind::Counter,
     labels: &["filter"],
 };

@@ -1,6 +1,7 @@
 //! Socket filters: tcpdump expressions compiled by libpcap ([`compile`]), shown and tried
 //! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
-//! filters of the agent ([`count`]); the built-in TCP segment classifier ([`segments`]).
+//! filters of the agent ([`count`], through [`translate`] and [`bpf_sys`]); the built-in TCP
+//! segment classifier ([`segments`]); `sockscope capture` ([`capture`]).
 
 pub mod bpf_sys;
 pub mod capture;
