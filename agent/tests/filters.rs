@@ -6,7 +6,8 @@
 //! next to one live tcpdump per expression. Then,
 //! for every expression, the agent's `sockscope_filter_packets_total` equals the number of
 //! packets tcpdump captured with it and `sockscope_filter_bytes_total` their original
-//! lengths' sum (and the classic mode's count equals it too, from a second agent), and the file of `sockscope capture` holds the packets
+//! lengths' sum (and the classic mode's count equals it too, from a second agent), the
+//! built-in classifier's segments match what the mix sent, and the file of `sockscope capture` holds the packets
 //! tcpdump captured for the same expression, in order, with identical data and original
 //! length. tcpdump is a host tool: this test is host-only.
 //!
@@ -381,6 +382,9 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
         "--no-collector.resets".into(),
         "--no-collector.netstat".into(),
         "--no-collector.sysctl".into(),
+        // The listener starts after the agent: watched, its port keeps its label at once.
+        "--watch.ports".into(),
+        "8080".into(),
         "--iface".into(),
         veth.local.clone(),
     ];
@@ -523,6 +527,36 @@ fn named_filters_and_capture_match_tcpdump() -> Result<()> {
         nonzero >= CORPUS.len() - 2,
         "the mix leaves most expressions at 0: {nonzero}"
     );
+
+    // The built-in classifier, against what the mix sent (per family: 16 connections to
+    // 8080, 4 of them aborted with an RST, 5 refused on 8999) and the 15 SYNs in VLAN 200.
+    let segments = |direction: &str, flags: &str, port: &str| {
+        let labels = [
+            ("iface", veth.local.as_str()),
+            ("direction", direction),
+            ("flags", flags),
+            ("port", port),
+        ];
+        after
+            .get("sockscope_tcp_segments_total", &labels)
+            .unwrap_or(0.0)
+            - before
+                .get("sockscope_tcp_segments_total", &labels)
+                .unwrap_or(0.0)
+    };
+    for (direction, flags, port, expected) in [
+        ("ingress", "syn", "8080", 32.0),
+        ("egress", "syn_ack", "8080", 32.0),
+        ("ingress", "rst", "8080", 8.0),
+        ("ingress", "syn", "other", 25.0),
+        ("egress", "rst", "other", 10.0),
+    ] {
+        let got = segments(direction, flags, port);
+        ensure!(
+            got == expected,
+            "sockscope_tcp_segments_total{{{direction},{flags},{port}}}: {got}, expected {expected}"
+        );
+    }
 
     let mine = packets(&ours)?;
     ensure!(!mine.is_empty(), "sockscope capture wrote no packets");
