@@ -3,13 +3,13 @@
 //! A bounded, varied traffic mix (TCP handshakes, data, FIN, RST, UDP, ICMP, IPv6, IPv4 and
 //! IPv6 fragments, VLAN-tagged frames) crosses the veth while `sockscope capture` and the
 //! agent with one named filter per expression of the corpus watch its end in namespace A,
-//! next to one live tcpdump per expression. Then,
-//! for every expression, the agent's `sockscope_filter_packets_total` equals the number of
-//! packets tcpdump captured with it and `sockscope_filter_bytes_total` their original
-//! lengths' sum (and the classic mode's count equals it too, from a second agent), the
-//! built-in classifier's segments match what the mix sent, and the file of `sockscope capture` holds the packets
-//! tcpdump captured for the same expression, in order, with identical data and original
-//! length. tcpdump is a host tool: this test is host-only.
+//! next to one live tcpdump per expression. Then, for every expression, the agent's
+//! `sockscope_filter_packets_total` equals the number of packets tcpdump captured with it
+//! and `sockscope_filter_bytes_total` their original lengths' sum (a second agent in
+//! classic mode counts the same packets); the built-in classifier's segments match what the
+//! mix sent; and the file of `sockscope capture` holds the packets tcpdump captured for the
+//! same expression, in order, with identical data and original length. tcpdump is a host
+//! tool: this test is host-only.
 //!
 //! Live tcpdump, not `tcpdump -r` of one full capture, is the reference: on Linux the kernel
 //! takes a VLAN tag out of the frame before a packet socket's filter runs, so a live `tcp`
