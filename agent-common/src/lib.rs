@@ -138,8 +138,10 @@ pub mod map_error {
     pub const LISTEN_EVENTS: u32 = 3;
     /// `TIME_WAIT_ENTERED` was full.
     pub const TIME_WAIT_ENTERED: u32 = 4;
+    /// `TCP_SEGMENTS` was full.
+    pub const TCP_SEGMENTS: u32 = 5;
     /// Length of the array.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Map names, by index, as they appear in the `map` label.
     pub const NAMES: [&str; COUNT as usize] = [
         "resets_sent",
@@ -147,6 +149,7 @@ pub mod map_error {
         "listen_ports",
         "listen_events",
         "time_wait_entered",
+        "tcp_segments",
     ];
 }
 
@@ -331,6 +334,7 @@ mod user {
     unsafe impl aya::Pod for HandshakeStash {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TimeWaitKey {}
+    unsafe impl aya::Pod for SegmentKey {}
 }
 
 #[cfg(test)]
@@ -347,4 +351,40 @@ mod tests {
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);
     }
+}
+
+/// Key of the built-in socket filter's counters (`TCP_SEGMENTS`): one series of
+/// `sockscope_tcp_segments_total`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SegmentKey {
+    /// Interface index the packet socket is bound to.
+    pub ifindex: u32,
+    /// Local port (destination of ingress segments, source of egress ones), or
+    /// [`PORT_OTHER`].
+    pub port: u16,
+    /// [`segment::INGRESS`] or [`segment::EGRESS`].
+    pub direction: u8,
+    /// One of the `segment::FLAGS_*` classes.
+    pub flags: u8,
+}
+
+/// Values of [`SegmentKey`]'s fields.
+pub mod segment {
+    /// Received by the interface.
+    pub const INGRESS: u8 = 0;
+    /// Sent by the interface.
+    pub const EGRESS: u8 = 1;
+    /// SYN without ACK.
+    pub const FLAGS_SYN: u8 = 0;
+    /// SYN with ACK.
+    pub const FLAGS_SYN_ACK: u8 = 1;
+    /// RST (with any other flag).
+    pub const FLAGS_RST: u8 = 2;
+    /// FIN without SYN or RST.
+    pub const FLAGS_FIN: u8 = 3;
+    /// Anything else (data, pure ACKs).
+    pub const FLAGS_OTHER: u8 = 4;
+    /// The `flags` label of each class, by value.
+    pub const FLAG_NAMES: [&str; 5] = ["syn", "syn_ack", "rst", "fin", "other"];
 }

@@ -6,6 +6,7 @@
 mod kernel;
 mod listen;
 mod resets;
+mod segments;
 mod timewait;
 
 #[cfg(not(test))]

@@ -55,6 +55,11 @@ pub enum Command {
     Timewait(TimewaitArgs),
     /// Read a password from standard input and print its bcrypt hash for basic_auth_users.
     HashPassword(HashPasswordArgs),
+    /// tcpdump expressions: compile and try them (`sockscope filter check`).
+    #[command(subcommand)]
+    Filter(crate::filters::FilterCommand),
+    /// Capture the packets a tcpdump expression matches to a pcap file (or stdout).
+    Capture(crate::filters::capture::CaptureArgs),
 }
 
 /// Options of `sockscope timewait`.
@@ -133,6 +138,9 @@ pub struct RunArgs {
     /// Which collectors run.
     #[command(flatten)]
     pub collectors: CollectorFlags,
+    /// Socket filters on interfaces.
+    #[command(flatten)]
+    pub filters: crate::filters::FilterArgs,
 }
 
 /// Options of `sockscope check`.

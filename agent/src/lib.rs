@@ -11,6 +11,7 @@ pub mod caps;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod filters;
 pub mod kernel;
 pub mod listeners;
 pub mod listeners_cmd;
@@ -53,6 +54,14 @@ pub fn main() -> ExitCode {
             init_logging("error");
             timewait_cmd::main(&args)
         }
+        Some(cli::Command::Filter(command)) => {
+            init_logging("warn");
+            filters::main(&command)
+        }
+        Some(cli::Command::Capture(args)) => {
+            init_logging("warn");
+            filters::capture::main(&args)
+        }
         Some(cli::Command::HashPassword(args)) => web::hash_password::main(&args),
         // The flags were validated above; the run options are read again from the command
         // line and merged with --config.file.
@@ -84,7 +93,17 @@ fn run_agent() -> ExitCode {
     };
     init_logging(&loaded.args.log_level);
     loaded.log_shadowed();
-    match run::run(loaded) {
+    let extra = match filters::start(&loaded.args.filters) {
+        Ok(sources) => sources,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return match e {
+                filters::count::StartError::Usage(_) => ExitCode::from(2),
+                filters::count::StartError::Other(_) => ExitCode::FAILURE,
+            };
+        }
+    };
+    match run::run_with_sources(loaded, extra) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sockscope: {e}");

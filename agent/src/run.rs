@@ -56,6 +56,11 @@ pub enum RunError {
 
 /// Runs the agent until a signal asks it to stop; SIGHUP reloads `--config.file`.
 pub fn run(loaded: Loaded) -> Result<(), RunError> {
+    run_with_sources(loaded, Vec::new())
+}
+
+/// [`run`], serving also the metrics of `extra` sources started beforehand.
+pub fn run_with_sources(loaded: Loaded, extra: Vec<Box<dyn Source>>) -> Result<(), RunError> {
     let args = &loaded.args;
     // A bad web configuration is a usage error: refuse it before anything else.
     let web = match &args.web_config_file {
@@ -82,7 +87,7 @@ pub fn run(loaded: Loaded) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(loaded, listener, Arc::new(web)))
+        .block_on(serve(loaded, listener, Arc::new(web), extra))
         .map_err(RunError::Startup)
 }
 
@@ -119,6 +124,7 @@ async fn serve(
     loaded: Loaded,
     listener: StdListener,
     web: Arc<crate::web::WebState>,
+    extra: Vec<Box<dyn Source>>,
 ) -> anyhow::Result<()> {
     // Installed before anything answers: the default actions would end the agent without
     // detaching (a SIGTERM right after the first scrape did), and SIGHUP would end it too.
@@ -195,6 +201,14 @@ async fn serve(
                 ),
             }
         }
+        if !args.filters.ifaces.is_empty() {
+            match crate::filters::segments::start(probes, &args.filters.ifaces, args.series_limit) {
+                Ok(segments) => sources.push(Box::new(segments)),
+                Err(e) => tracing::warn!(
+                    "the built-in socket filter is unavailable: {e:#}; sockscope_tcp_segments_total is absent"
+                ),
+            }
+        }
         let errors: PerCpuArray<MapData, u64> = take(probes, "MAP_ERRORS")?;
         sources.push(Box::new(metrics::ebpf::Ebpf::new(
             errors,
@@ -235,6 +249,7 @@ async fn serve(
             sources.push(Box::new(metrics::netstat::Sysctl::new(scan)));
         }
     }
+    sources.extend(extra);
     let metrics = Arc::new(Metrics::new(sources)?);
     record_probe_status(&metrics, probes.as_ref());
 

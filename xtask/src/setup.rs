@@ -18,6 +18,14 @@ const PACKAGES: &[Package] = &[
     ("zlib1g-dev", "for bpf-linker's LLVM 22 link"),
     ("prometheus", "the tests check metrics with its promtool"),
     (
+        "libpcap-dev",
+        "socket filters compile tcpdump expressions with libpcap",
+    ),
+    (
+        "tcpdump",
+        "the socket filter tests compare counts and captures with tcpdump",
+    ),
+    (
         "systemd",
         "the tests check the systemd unit with systemd-analyze verify",
     ),

@@ -554,6 +554,11 @@ impl Probes {
         self.ebpf.take_map(name)
     }
 
+    /// A program of the object, for a caller that attaches it itself (socket filters).
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut aya::programs::Program> {
+        self.ebpf.program_mut(name)
+    }
+
     /// The path `probe` is attached through.
     pub fn path_of(&self, probe: &str) -> Option<ProbePath> {
         self.status

@@ -30,12 +30,18 @@
 //!   collectors on the same sockets.
 //! - `web`: /metrics latency and size over plain HTTP, gzip, TLS and TLS with basic auth
 //!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
+//! - `filters`: a bounded UDP stream over a veth pair without the agent, with its built-in
+//!   TCP segment classifier (`--iface`) and with ten count-only named filters (target ratio
+//!   ≥ 0.95; each round checks one filter's count); then `sockscope capture` and tcpdump on
+//!   the same stream: packets captured, dropped, CPU time.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
 
 #[path = "sockscope-bench/churn.rs"]
 mod churn;
+#[path = "sockscope-bench/filters.rs"]
+mod filters;
 #[path = "sockscope-bench/listeners.rs"]
 mod listeners;
 #[path = "sockscope-bench/measure.rs"]
@@ -102,6 +108,9 @@ pub struct Args {
     /// Never install missing peers (node_exporter, bpftrace) with apt-get
     #[arg(long)]
     no_install: bool,
+    /// UDP datagrams per round of the `filters` section
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    filter_packets: u64,
     /// Run only these sections, comma-separated (default: every section)
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -124,6 +133,9 @@ enum Section {
     Timewait,
     /// /metrics over plain HTTP, gzip, TLS and TLS with basic auth
     Web,
+    /// A packet stream without filters, with the built-in classifier, with ten named
+    /// filters; sockscope capture beside tcpdump
+    Filters,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +189,7 @@ fn run(args: &Args) -> Result<Vec<String>> {
             Section::Peers => peers::run(args),
             Section::Timewait => timewait::run(args),
             Section::Web => web::run(args),
+            Section::Filters => filters::run(args),
         };
         // One section that cannot run does not keep the others from reporting.
         match found.with_context(|| format!("section {section:?}")) {

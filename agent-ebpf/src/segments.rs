@@ -1,0 +1,108 @@
+//! The built-in socket filter: classifies the TCP segments an interface sends and receives
+//! into `TCP_SEGMENTS` and returns 0, so no packet is ever queued to its packet socket.
+//! Link layer: Ethernet (also `lo`), with at most one VLAN tag left in the frame.
+
+use agent_common::{PORT_OTHER, SegmentKey, map_error, segment};
+use aya_ebpf::{
+    macros::{map, socket_filter},
+    maps::{Array, PerCpuHashMap},
+    programs::SkBuffContext,
+};
+
+use crate::kernel::{count_map_error, port_label};
+
+/// Counters by interface, direction, flags class and local port.
+#[map]
+static TCP_SEGMENTS: PerCpuHashMap<SegmentKey, u64> = PerCpuHashMap::with_max_entries(8192, 0);
+
+/// The network namespace (inode) of the interfaces, written by the agent: the listener
+/// ports of that namespace keep their `port` label.
+#[map]
+static SEGMENTS_NETNS: Array<u32> = Array::with_max_entries(1, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const PACKET_OUTGOING: u32 = 4;
+
+#[socket_filter]
+pub fn tcp_segments(ctx: SkBuffContext) -> i64 {
+    let _ = classify(&ctx);
+    0
+}
+
+fn be16(ctx: &SkBuffContext, offset: usize) -> Option<u16> {
+    ctx.load::<u16>(offset).ok().map(u16::from_be)
+}
+
+#[inline(always)]
+fn classify(ctx: &SkBuffContext) -> Option<()> {
+    let mut l3 = 14usize;
+    let mut proto = be16(ctx, 12)?;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16(ctx, 16)?;
+        l3 = 18;
+    }
+    let l4 = match proto {
+        ETH_P_IP => {
+            let version_ihl: u8 = ctx.load(l3).ok()?;
+            if version_ihl >> 4 != 4 || ctx.load::<u8>(l3 + 9).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            // Later fragments carry no TCP header.
+            if be16(ctx, l3 + 6)? & 0x1fff != 0 {
+                return None;
+            }
+            l3 + usize::from(version_ihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            l3 + 40
+        }
+        _ => return None,
+    };
+    let source = be16(ctx, l4)?;
+    let dest = be16(ctx, l4 + 2)?;
+    let tcp_flags: u8 = ctx.load(l4 + 13).ok()?;
+    let flags = if tcp_flags & 0x04 != 0 {
+        segment::FLAGS_RST
+    } else if tcp_flags & 0x02 != 0 {
+        if tcp_flags & 0x10 != 0 {
+            segment::FLAGS_SYN_ACK
+        } else {
+            segment::FLAGS_SYN
+        }
+    } else if tcp_flags & 0x01 != 0 {
+        segment::FLAGS_FIN
+    } else {
+        segment::FLAGS_OTHER
+    };
+    // SAFETY: the context's __sk_buff, readable by socket filters.
+    let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
+    let (direction, local) = if pkt_type == PACKET_OUTGOING {
+        (segment::EGRESS, source)
+    } else {
+        (segment::INGRESS, dest)
+    };
+    let port = match SEGMENTS_NETNS.get(0) {
+        Some(&netns) if netns != 0 => port_label(netns, local),
+        _ => PORT_OTHER,
+    };
+    let key = SegmentKey {
+        ifindex,
+        port,
+        direction,
+        flags,
+    };
+    if let Some(value) = TCP_SEGMENTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of an existing entry.
+        unsafe { *value += 1 };
+    } else if TCP_SEGMENTS.insert(key, 1, 0).is_err() {
+        count_map_error(map_error::TCP_SEGMENTS);
+    }
+    Some(())
+}

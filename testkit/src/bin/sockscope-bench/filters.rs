@@ -1,0 +1,286 @@
+//! Section `filters`: what socket filters cost a packet stream, and `sockscope capture` beside
+//! tcpdump.
+//!
+//! A bounded stream of small UDP datagrams crosses a veth pair from namespace B to A. veth
+//! delivers in the sender's context, so every packet tap on A's end (the agent's packet
+//! sockets, a capture) slows the sender down: datagrams sent per second is the figure. Rounds
+//! alternate without and with the agent (ABAB): once with only the built-in TCP segment
+//! classifier (`--iface`), once with it and ten count-only named filters. Every with-filter
+//! round checks that the filter `udp_stream` counted each datagram. Then `sockscope capture`
+//! and tcpdump each capture one stream (`-w /dev/null`): packets captured, dropped, CPU time.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::{AgentProcess, ChildGuard, Netns, wait_until};
+
+use crate::Args;
+use crate::listeners::AGENT_LISTEN;
+use crate::measure::{Rates, cpu_time, verdict};
+
+/// The ratio with/without that the filters should reach.
+const TARGET_RATIO: f64 = 0.95;
+const A: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+const B: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
+const PORT: u16 = 7000;
+const PAYLOAD: usize = 64;
+
+/// Ten count-only filters of the kinds people name.
+const TEN: &[&str] = &[
+    "udp_stream=udp dst port 7000",
+    "syn=tcp[tcpflags] & tcp-syn != 0",
+    "rst=tcp[tcpflags] & tcp-rst != 0",
+    "http=tcp port 80 or tcp port 443",
+    "dns=udp port 53",
+    "icmp=icmp or icmp6",
+    "big=greater 1200",
+    "v6=ip6",
+    "net=net 192.0.2.0/24",
+    "frag=ip[6:2] & 0x3fff != 0",
+];
+
+struct Lab {
+    a: Netns,
+    b: Netns,
+    iface: String,
+    receiver: UdpSocket,
+}
+
+impl Lab {
+    fn new() -> Result<Lab> {
+        let a = Netns::new()?;
+        let b = Netns::new()?;
+        let pair = a.veth_pair(&b, (IpAddr::V4(A), 24), (IpAddr::V4(B), 24))?;
+        let receiver = a.run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(A), PORT)))??;
+        receiver.set_nonblocking(true)?;
+        Ok(Lab {
+            a,
+            b,
+            iface: pair.local,
+            receiver,
+        })
+    }
+
+    /// Sends up to `n` datagrams (stopping after `limit`); returns how many and how long.
+    fn stream(&self, n: u64, limit: Duration) -> Result<(u64, Duration)> {
+        let result = self.b.run(|| -> Result<(u64, Duration)> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(SocketAddr::new(IpAddr::V4(A), PORT))?;
+            let payload = [0x5au8; PAYLOAD];
+            let start = Instant::now();
+            let mut sent = 0;
+            while sent < n {
+                socket.send(&payload)?;
+                sent += 1;
+                if sent % 1024 == 0 {
+                    self.drain();
+                    if start.elapsed() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok((sent, start.elapsed()))
+        })??;
+        self.drain();
+        Ok(result)
+    }
+
+    /// Empties the receiver, so that its buffer never drops.
+    fn drain(&self) {
+        let mut buf = [0u8; 2048];
+        while self.receiver.recv(&mut buf).is_ok() {}
+    }
+}
+
+fn agent_args(iface: &str, ten: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--no-collector.listen",
+        "--no-collector.resets",
+        "--no-collector.netstat",
+        "--no-collector.sysctl",
+        "--iface",
+        iface,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    if ten {
+        for f in TEN {
+            args.push("--filter".into());
+            args.push((*f).into());
+        }
+    }
+    args
+}
+
+pub fn run(args: &Args) -> Result<Vec<String>> {
+    let mut broken = Vec::new();
+    let lab = Lab::new()?;
+    let limit = Duration::from_secs(args.timeout);
+    let n = args.filter_packets;
+    println!(
+        "filters: {n} UDP datagrams of {PAYLOAD} bytes per round over a veth pair, {} rounds each, ABAB",
+        args.rounds
+    );
+    lab.stream(n.min(20_000), limit)?; // warm-up
+    let (mut none, mut builtin, mut ten) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let (sent, wall) = lab.stream(n, limit)?;
+        none.push(sent as f64 / wall.as_secs_f64());
+        for with_ten in [false, true] {
+            let argv = agent_args(&lab.iface, with_ten);
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let agent = AgentProcess::start(&lab.a, &args.agent, &argv, AGENT_LISTEN)?;
+            let before = agent.scrape()?;
+            let (sent, wall) = lab.stream(n, limit)?;
+            let rate = sent as f64 / wall.as_secs_f64();
+            if with_ten {
+                ten.push(rate);
+                let labels = [("filter", "udp_stream")];
+                let counted = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+                    let after = agent.scrape()?;
+                    Ok(after
+                        .get("sockscope_filter_packets_total", &labels)
+                        .unwrap_or(0.0)
+                        - before
+                            .get("sockscope_filter_packets_total", &labels)
+                            .unwrap_or(0.0)
+                        == sent as f64)
+                });
+                if counted.is_err() {
+                    broken.push(format!(
+                        "round {round}: the filter udp_stream did not count the {sent} datagrams sent"
+                    ));
+                }
+            } else {
+                builtin.push(rate);
+            }
+        }
+    }
+    let (none, builtin, ten) = (Rates(none), Rates(builtin), Rates(ten));
+    println!("{:<34}{:<13}{:<19}(datagrams/s)", "", "median", "min–max");
+    for (label, rates) in [
+        ("no filter", &none),
+        ("built-in classifier (--iface)", &builtin),
+        ("classifier + ten named filters", &ten),
+    ] {
+        println!("{label:<34}{:<13.0}{}", rates.median(), rates.spread());
+    }
+    for (label, rates) in [
+        ("built-in classifier", &builtin),
+        ("+ ten named filters", &ten),
+    ] {
+        let ratio = rates.median() / none.median();
+        println!(
+            "ratio {label:<28}{ratio:.3} (target ≥ {TARGET_RATIO}: {})",
+            verdict(ratio >= TARGET_RATIO)
+        );
+    }
+
+    println!();
+    println!("capture of the same stream (expression `udp dst port {PORT}`, -w /dev/null):");
+    println!(
+        "{:<20}{:>10}{:>10}{:>10}{:>12}{:>14}",
+        "", "sent", "captured", "dropped", "drop rate", "CPU (ms)"
+    );
+    let expr = format!("udp dst port {PORT}");
+    let ours = {
+        let mut cmd = Command::new(&args.agent);
+        cmd.args(["capture", "-i", &lab.iface, "-w", "/dev/null", &expr]);
+        capture_round(&lab, cmd, n, limit)?
+    };
+    print_capture("sockscope capture", &ours);
+    let tcpdump = Command::new("tcpdump")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match tcpdump {
+        Ok(status) if status.success() => {
+            let mut cmd = Command::new("tcpdump");
+            cmd.args(["-i", &lab.iface, "-n", "-w", "/dev/null", &expr]);
+            let theirs = capture_round(&lab, cmd, n, limit)?;
+            print_capture("tcpdump", &theirs);
+        }
+        _ => println!("{:<20}not installed here", "tcpdump"),
+    }
+    println!("(one run on a shared machine: figures are noisy)");
+    Ok(broken)
+}
+
+struct CaptureResult {
+    sent: u64,
+    captured: u64,
+    dropped: u64,
+    cpu: Duration,
+}
+
+fn print_capture(label: &str, r: &CaptureResult) {
+    let rate = r.dropped as f64 / (r.captured + r.dropped).max(1) as f64;
+    println!(
+        "{label:<20}{:>10}{:>10}{:>10}{:>11.2}%{:>14.0}",
+        r.sent,
+        r.captured,
+        r.dropped,
+        rate * 100.0,
+        r.cpu.as_secs_f64() * 1e3
+    );
+}
+
+/// Runs a capture tool over one stream and reads its summary (tcpdump's lines, which
+/// `sockscope capture` prints alike).
+fn capture_round(lab: &Lab, mut cmd: Command, n: u64, limit: Duration) -> Result<CaptureResult> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let log = std::env::temp_dir().join(format!(
+        "sockscope-bench-capture-{}-{}.log",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let result = (|| {
+        let mut child = lab.a.spawn(cmd)?;
+        wait_listening(&log, &mut child)?;
+        let (sent, _) = lab.stream(n, limit)?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let cpu = cpu_time(child.pid())?;
+        child.terminate(Duration::from_secs(10))?;
+        let text = std::fs::read_to_string(&log)?;
+        let field = |suffix: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_suffix(suffix).and_then(|n| n.trim().parse().ok()))
+                .with_context(|| format!("no `{suffix}` in: {text}"))
+        };
+        Ok(CaptureResult {
+            sent,
+            captured: field(" packets captured")?,
+            dropped: field(" packets dropped by kernel")?,
+            cpu,
+        })
+    })();
+    let _ = std::fs::remove_file(&log);
+    result
+}
+
+fn wait_listening(log: &Path, child: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if std::fs::read_to_string(log).is_ok_and(|s| s.contains("listening on")) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "capture exited: {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!("capture did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
