@@ -53,21 +53,23 @@ pub fn optional() -> Vec<(Capability, &'static str)> {
 pub const KEPT_AFTER_START: &[Capability] =
     &[Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE];
 
-/// Drops every capability but [`KEPT_AFTER_START`] from the calling thread: from its
+/// Drops every capability but [`KEPT_AFTER_START`] and `also` (`CAP_NET_RAW` on the thread
+/// that reloads, when a reload may add socket filters) from the calling thread: from its
 /// bounding set (when it may: CAP_SETPCAP), its ambient and inheritable sets, then its
 /// permitted and effective sets. Capabilities are per thread: call it on every thread
 /// (the runtime's threads on start, the main thread after start-up); threads created later
 /// inherit the creator's sets. Returns what the thread keeps.
-pub fn drop_to_kept() -> Result<Vec<Capability>, caps::errors::CapsError> {
+pub fn drop_to_kept(also: &[Capability]) -> Result<Vec<Capability>, caps::errors::CapsError> {
     let permitted = caps::read(None, CapSet::Permitted)?;
     let keep: caps::CapsHashSet = KEPT_AFTER_START
         .iter()
+        .chain(also)
         .copied()
         .filter(|c| permitted.contains(c))
         .collect();
     if has(Capability::CAP_SETPCAP) {
         for cap in caps::read(None, CapSet::Bounding)? {
-            if !KEPT_AFTER_START.contains(&cap) {
+            if !KEPT_AFTER_START.contains(&cap) && !also.contains(&cap) {
                 caps::drop(None, CapSet::Bounding, cap)?;
             }
         }

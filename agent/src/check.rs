@@ -58,7 +58,7 @@ pub fn check(args: &CheckArgs) -> bool {
         ok: true,
         feature: "capabilities after start-up".into(),
         detail: format!(
-            "`run` keeps only {} once its programs are attached, and drops the rest",
+            "`run` keeps only {} once its programs are attached (and CAP_NET_RAW with --config.file, for socket filters a reload adds), and drops the rest",
             kept.join(", ")
         ),
     });

@@ -77,6 +77,8 @@ enum Shape {
     Single,
     /// A flag with a comma-separated list.
     List,
+    /// A flag given once per value (`--filter`, `--iface`): an array in the file.
+    Repeated,
 }
 
 /// The file's keys: every long flag of `run` but the config file itself, with its shape.
@@ -91,7 +93,9 @@ fn keys() -> BTreeMap<String, Shape> {
             Shape::Collector
         } else if arg.get_value_delimiter().is_some() {
             Shape::List
-        } else if matches!(arg.get_action(), ArgAction::Set | ArgAction::Append) {
+        } else if matches!(arg.get_action(), ArgAction::Append) {
+            Shape::Repeated
+        } else if matches!(arg.get_action(), ArgAction::Set) {
             Shape::Single
         } else {
             continue;
@@ -205,6 +209,20 @@ fn to_args(key: &str, shape: Shape, value: &toml::Value) -> Result<Vec<OsString>
                 vec![format!("--{key}={}", items.join(","))]
             }
         }
+        Shape::Repeated => match value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| {
+                    scalar(i)
+                        .map(|v| format!("--{key}={v}"))
+                        .ok_or_else(|| bad("an array of strings or integers"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            other => vec![format!(
+                "--{key}={}",
+                scalar(other).ok_or_else(|| bad("a string or an array of strings"))?
+            )],
+        },
     };
     Ok(args.into_iter().map(OsString::from).collect())
 }

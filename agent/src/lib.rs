@@ -93,8 +93,8 @@ fn run_agent() -> ExitCode {
     };
     init_logging(&loaded.args.log_level);
     loaded.log_shadowed();
-    let extra = match filters::start(&loaded.args.filters) {
-        Ok(sources) => sources,
+    let (extra, live_filters) = match filters::start(&loaded.args.filters) {
+        Ok(started) => started,
         Err(e) => {
             eprintln!("sockscope: {e}");
             return match e {
@@ -103,7 +103,7 @@ fn run_agent() -> ExitCode {
             };
         }
     };
-    match run::run_with_sources(loaded, extra) {
+    match run::run_with_sources(loaded, extra, Some(live_filters)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sockscope: {e}");

@@ -37,6 +37,8 @@ pub struct Live {
     running: BTreeMap<String, String>,
     /// The last configuration read (for its command line).
     loaded: Loaded,
+    /// The named socket filters, replaced when their settings change.
+    filters: Option<Arc<crate::filters::LiveFilters>>,
 }
 
 /// What one reload did.
@@ -64,7 +66,14 @@ impl Live {
             refresh_seconds,
             running: loaded.values.clone(),
             loaded,
+            filters: None,
         }
+    }
+
+    /// Lets reloads replace the named socket filters.
+    pub fn with_filters(mut self, filters: Option<Arc<crate::filters::LiveFilters>>) -> Self {
+        self.filters = filters;
+        self
     }
 
     /// Handles one SIGHUP: reads the file again and applies it, logging what happened.
@@ -142,6 +151,17 @@ impl Live {
                 self.limits.set_series_per_metric(args.series_limit);
                 Ok(true)
             }
+            // One set: whichever of them changed, the filters are rebuilt from all three;
+            // an unchanged filter keeps its counts.
+            "filter" | "iface" | "filter.mode" => match &self.filters {
+                Some(filters) => {
+                    filters
+                        .replace(&args.filters)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
             "listeners.refresh-interval" => {
                 self.refresh_seconds
                     .store(args.refresh_seconds, Ordering::Relaxed);

@@ -56,11 +56,16 @@ pub enum RunError {
 
 /// Runs the agent until a signal asks it to stop; SIGHUP reloads `--config.file`.
 pub fn run(loaded: Loaded) -> Result<(), RunError> {
-    run_with_sources(loaded, Vec::new())
+    run_with_sources(loaded, Vec::new(), None)
 }
 
-/// [`run`], serving also the metrics of `extra` sources started beforehand.
-pub fn run_with_sources(loaded: Loaded, extra: Vec<Box<dyn Source>>) -> Result<(), RunError> {
+/// [`run`], serving also the metrics of `extra` sources started beforehand; a reload
+/// replaces the named socket filters through `filters`.
+pub fn run_with_sources(
+    loaded: Loaded,
+    extra: Vec<Box<dyn Source>>,
+    filters: Option<Arc<crate::filters::LiveFilters>>,
+) -> Result<(), RunError> {
     let args = &loaded.args;
     // A bad web configuration is a usage error: refuse it before anything else.
     let web = match &args.web_config_file {
@@ -79,7 +84,7 @@ pub fn run_with_sources(loaded: Loaded, extra: Vec<Box<dyn Source>>) -> Result<(
         // The runtime's threads never load or attach anything: they start with only the
         // capabilities kept after start-up (the main thread drops the rest once attached).
         .on_thread_start(|| {
-            if let Err(e) = crate::caps::drop_to_kept() {
+            if let Err(e) = crate::caps::drop_to_kept(&[]) {
                 tracing::warn!("dropping capabilities on a runtime thread: {e}");
             }
         })
@@ -87,7 +92,7 @@ pub fn run_with_sources(loaded: Loaded, extra: Vec<Box<dyn Source>>) -> Result<(
         .build()
         .map_err(|e| RunError::Startup(e.into()))?;
     runtime
-        .block_on(serve(loaded, listener, Arc::new(web), extra))
+        .block_on(serve(loaded, listener, Arc::new(web), extra, filters))
         .map_err(RunError::Startup)
 }
 
@@ -125,6 +130,7 @@ async fn serve(
     listener: StdListener,
     web: Arc<crate::web::WebState>,
     extra: Vec<Box<dyn Source>>,
+    filters: Option<Arc<crate::filters::LiveFilters>>,
 ) -> anyhow::Result<()> {
     // Installed before anything answers: the default actions would end the agent without
     // detaching (a SIGTERM right after the first scrape did), and SIGHUP would end it too.
@@ -281,8 +287,14 @@ async fn serve(
         });
     }
 
-    // Everything is loaded and attached: keep only what scrapes and reloads still use.
-    match crate::caps::drop_to_kept() {
+    // Everything is loaded and attached: keep only what scrapes and reloads still use (a
+    // reload may open the packet sockets of new socket filters).
+    let reload_needs: &[::caps::Capability] = if args.config_file.is_some() {
+        &[::caps::Capability::CAP_NET_RAW]
+    } else {
+        &[]
+    };
+    match crate::caps::drop_to_kept(reload_needs) {
         Ok(kept) => {
             let kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
             tracing::info!(
@@ -320,7 +332,8 @@ async fn serve(
         limits,
         Arc::clone(&metrics),
         refresh_seconds,
-    );
+    )
+    .with_filters(filters);
     signals.wait(&mut live).await;
     tracing::info!("stopping: detaching the probes");
     let _ = stop_tx.send(true);

@@ -278,3 +278,66 @@ fn command_line_wins_and_a_bad_file_stops_start_up() -> Result<()> {
     assert!(stderr.contains("/nonexistent/sockscope.toml"), "{stderr}");
     Ok(())
 }
+
+fn filter_packets(m: &Metrics, name: &str) -> Option<f64> {
+    m.get("sockscope_filter_packets_total", &[("filter", name)])
+}
+
+#[test]
+fn sighup_replaces_socket_filters_and_keeps_the_counts_of_unchanged_ones() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let (a, b) = closed_ports(&ns)?;
+    let to_a = format!("to_a=tcp dst port {a} and tcp[tcpflags] & tcp-syn != 0");
+    let to_b = format!("to_b=tcp dst port {b} and tcp[tcpflags] & tcp-syn != 0");
+    let config = ConfigFile::new(&format!(
+        "iface = [\"lo\"]\nfilter = [\"{to_a}\", \"gone=tcp dst port {b}\"]\n"
+    ))?;
+    let agent = AgentProcess::start(
+        &ns,
+        Path::new(AGENT),
+        &["--config.file", config.path()],
+        agent_addr(),
+    )?;
+    // Each refused connect is one SYN on `lo` (its outgoing copy is left out, as tcpdump does).
+    refuse(&ns, a, 3)?;
+    let m = agent.scrape()?;
+    assert_eq!(filter_packets(&m, "to_a"), Some(3.0), "{}", agent.log());
+    assert_eq!(filter_packets(&m, "gone"), Some(0.0));
+
+    // Keep to_a, drop gone, add to_b.
+    config.write(&format!(
+        "iface = [\"lo\"]\nfilter = [\"{to_a}\", \"{to_b}\"]\n"
+    ))?;
+    let line = hangup(&agent, "applied")?;
+    assert!(line.contains("filter"), "{line}");
+    let m = agent.scrape()?;
+    assert_eq!(
+        filter_packets(&m, "to_a"),
+        Some(3.0),
+        "an unchanged filter keeps its count across the reload"
+    );
+    assert_eq!(
+        filter_packets(&m, "gone"),
+        None,
+        "a removed filter leaves the page"
+    );
+    assert_eq!(filter_packets(&m, "to_b"), Some(0.0));
+
+    refuse(&ns, a, 2)?;
+    refuse(&ns, b, 4)?;
+    let m = agent.scrape()?;
+    assert_eq!(filter_packets(&m, "to_a"), Some(5.0), "{}", agent.log());
+    assert_eq!(filter_packets(&m, "to_b"), Some(4.0), "{}", agent.log());
+
+    // An invalid expression on reload changes nothing.
+    config.write("iface = [\"lo\"]\nfilter = [\"bad=tcp port nonsense\"]\n")?;
+    let line = hangup(&agent, "reload")?;
+    assert!(!line.contains("applied filter"), "{line}");
+    let m = agent.scrape()?;
+    assert_eq!(filter_packets(&m, "to_a"), Some(5.0), "{}", agent.log());
+    assert_eq!(filter_packets(&m, "bad"), None);
+    Ok(())
+}

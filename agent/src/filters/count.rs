@@ -263,6 +263,8 @@ pub struct NamedFilter {
 /// The named filters of a running agent.
 #[derive(Clone)]
 pub struct NamedFilters {
+    /// Set when these filters are replaced: their polling thread ends and lets them go.
+    retired: Arc<std::sync::atomic::AtomicBool>,
     filters: Arc<Mutex<Vec<NamedFilter>>>,
     /// One socket per interface running every filter's translation in one program.
     combined: Arc<Mutex<Vec<CountingSocket>>>,
@@ -420,6 +422,7 @@ impl NamedFilters {
             );
         }
         Ok(Self {
+            retired: Arc::default(),
             filters: Arc::new(Mutex::new(filters)),
             combined: Arc::new(Mutex::new(combined)),
             map,
@@ -475,12 +478,23 @@ impl NamedFilters {
             .spawn(move || {
                 loop {
                     std::thread::sleep(interval);
+                    if this.retired.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     let _ = this.totals();
                 }
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the filter counter thread: {e}");
         }
+    }
+}
+
+impl NamedFilters {
+    /// Ends the polling thread: once the last handle goes, the sockets close.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -503,7 +517,7 @@ const BYTES: FamilySpec = FamilySpec {
 };
 
 /// The collector of `sockscope_filter_packets_total` and `sockscope_filter_bytes_total`.
-pub struct FilterSource(pub NamedFilters);
+pub struct FilterSource(pub Arc<super::LiveFilters>);
 
 impl Source for FilterSource {
     fn name(&self) -> &'static str {

@@ -11,6 +11,11 @@ pub mod count;
 pub mod segments;
 pub mod translate;
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
 use clap::Subcommand;
 
 /// `sockscope filter ...`.
@@ -56,13 +61,141 @@ pub enum FilterMode {
     Classic,
 }
 
-/// Starts what `args` asks for: the metric sources of the socket filters.
-pub fn start(args: &FilterArgs) -> Result<Vec<Box<dyn crate::metrics::Source>>, count::StartError> {
-    let mut sources: Vec<Box<dyn crate::metrics::Source>> = Vec::new();
-    if !args.filters.is_empty() {
-        let named = count::NamedFilters::start(&args.filters, &args.ifaces, args.mode)?;
-        named.keep_polling(std::time::Duration::from_secs(5));
-        sources.push(Box::new(count::FilterSource(named)));
+/// The metric sources of the socket filters, and the handle a reload replaces them through.
+pub type Started = (Vec<Box<dyn crate::metrics::Source>>, Arc<LiveFilters>);
+
+/// Starts what `args` asks for: the metric source of the named filters, and the handle a
+/// reload replaces them through.
+pub fn start(args: &FilterArgs) -> Result<Started, count::StartError> {
+    let live = Arc::new(LiveFilters::start(args)?);
+    let source: Box<dyn crate::metrics::Source> = Box::new(count::FilterSource(Arc::clone(&live)));
+    Ok((vec![source], live))
+}
+
+/// How often the kernel's 32-bit classic counters are read, so they never wrap unseen.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The named filters of a running agent, which a reload (SIGHUP) may replace: the counts of
+/// a filter whose name and expression stay are carried over, so its counter never goes back.
+pub struct LiveFilters {
+    state: Mutex<LiveState>,
+}
+
+struct LiveState {
+    filters: Vec<count::FilterSpec>,
+    ifaces: Vec<String>,
+    mode: FilterMode,
+    running: Option<count::NamedFilters>,
+    /// Added to each filter's kernel counts: what earlier generations counted.
+    base: HashMap<String, (u64, Option<u64>)>,
+}
+
+impl LiveFilters {
+    fn start(args: &FilterArgs) -> Result<Self, count::StartError> {
+        let running = if args.filters.is_empty() {
+            None
+        } else {
+            let named = count::NamedFilters::start(&args.filters, &args.ifaces, args.mode)?;
+            named.keep_polling(POLL_INTERVAL);
+            Some(named)
+        };
+        Ok(Self {
+            state: Mutex::new(LiveState {
+                filters: args.filters.clone(),
+                ifaces: args.ifaces.clone(),
+                mode: args.mode,
+                running,
+                base: HashMap::new(),
+            }),
+        })
     }
-    Ok(sources)
+
+    /// Every filter's counts, its earlier generations included.
+    pub fn totals(&self) -> Vec<count::Totals> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(running) = &state.running else {
+            return Vec::new();
+        };
+        let mut totals = running.totals();
+        for t in &mut totals {
+            if let Some((packets, bytes)) = state.base.get(&t.name) {
+                t.packets += packets;
+                t.bytes = t.bytes.map(|b| b + bytes.unwrap_or(0));
+            }
+        }
+        totals
+    }
+
+    /// Puts `args`' filters in place of the running ones; false when nothing changed. The
+    /// new sockets are attached before the old ones go, and a filter that keeps its name
+    /// and expression continues its counts. On error the running filters stay.
+    pub fn replace(&self, args: &FilterArgs) -> Result<bool, count::StartError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.filters == args.filters && state.ifaces == args.ifaces && state.mode == args.mode {
+            return Ok(false);
+        }
+        let next = if args.filters.is_empty() {
+            None
+        } else {
+            Some(count::NamedFilters::start(
+                &args.filters,
+                &args.ifaces,
+                args.mode,
+            )?)
+        };
+        // Both generations are read back to back: a packet that arrives in between may be
+        // counted once too few or too many, nothing more.
+        let fresh: HashMap<String, count::Totals> = next
+            .as_ref()
+            .map(|n| {
+                n.totals()
+                    .into_iter()
+                    .map(|t| (t.name.clone(), t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let old: HashMap<String, count::Totals> = state
+            .running
+            .as_ref()
+            .map(|r| {
+                r.totals()
+                    .into_iter()
+                    .map(|t| (t.name.clone(), t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut base = HashMap::new();
+        for spec in &args.filters {
+            let kept = state.filters.iter().any(|s| s == spec);
+            let (Some(before), true) = (old.get(&spec.name), kept) else {
+                continue;
+            };
+            let before_packets = before.packets + state.base.get(&spec.name).map_or(0, |b| b.0);
+            let before_bytes = before
+                .bytes
+                .map(|b| b + state.base.get(&spec.name).and_then(|b| b.1).unwrap_or(0));
+            let now = fresh.get(&spec.name);
+            let now_packets = now.map_or(0, |t| t.packets);
+            let now_bytes = now.and_then(|t| t.bytes);
+            base.insert(
+                spec.name.clone(),
+                (
+                    before_packets.saturating_sub(now_packets),
+                    before_bytes.map(|b| b.saturating_sub(now_bytes.unwrap_or(0))),
+                ),
+            );
+        }
+        if let Some(next) = &next {
+            next.keep_polling(POLL_INTERVAL);
+        }
+        if let Some(old) = state.running.take() {
+            old.retire();
+        }
+        state.running = next;
+        state.base = base;
+        state.filters = args.filters.clone();
+        state.ifaces = args.ifaces.clone();
+        state.mode = args.mode;
+        Ok(true)
+    }
 }
