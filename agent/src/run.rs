@@ -161,6 +161,15 @@ async fn serve(
     let mut listen_events = None;
     let mut timewait_entered = None;
     if let Some(probes) = probes.as_mut() {
+        // Before the collectors take them: the maps whose fill the agent reports.
+        let watched_maps = probes.watched_maps(&[
+            ("RESETS_SENT", "resets_sent"),
+            ("RESETS_RECV", "resets_recv"),
+            ("LISTEN_PORTS", "listen_ports"),
+            ("LISTEN_EVENTS", "listen_events"),
+            ("TIME_WAIT_ENTERED", "time_wait_entered"),
+            ("TCP_SEGMENTS", "tcp_segments"),
+        ]);
         let mut counters = ports::CounterMaps {
             resets: Vec::new(),
             listen: None,
@@ -219,6 +228,7 @@ async fn serve(
         sources.push(Box::new(metrics::ebpf::Ebpf::new(
             errors,
             probes.program_ids(),
+            watched_maps,
         )));
     }
     // One pass over the host's namespaces per scrape serves these three collectors.

@@ -38,23 +38,11 @@ const PYTHON: &str = "target/tools/python/bin/python3";
 /// Dashboard panels (dashboard title, panel title) whose main query cannot return data here
 /// yet, and why. When the feature lands, delete its line: the test then demands data, and
 /// fails while a listed panel returns data, so this list cannot go stale.
-const PENDING: &[(&str, &str, &str)] = &[
-    (
-        "sockscope / Agent",
-        "Lost events",
-        "sockscope_events_lost_total not in the agent yet (no ring buffer)",
-    ),
-    (
-        "sockscope / Agent",
-        "Kernel map fill",
-        "sockscope_ebpf_map_entries not in the agent yet",
-    ),
-    (
-        "sockscope / Agent",
-        "Kernel CPU spent in sockscope's programs",
-        "needs kernel.bpf_stats_enabled=1, a host-wide setting the test leaves alone",
-    ),
-];
+const PENDING: &[(&str, &str, &str)] = &[(
+    "sockscope / Agent",
+    "Kernel CPU spent in sockscope's programs",
+    "needs kernel.bpf_stats_enabled=1, a host-wide setting the test leaves alone",
+)];
 
 /// Alerts the live scenarios must make fire: (alert, label that must match, its value).
 /// `NETNS` stands for the lab's server namespace.

@@ -292,6 +292,24 @@ fn resets_match_the_kernel_and_the_scenario(mode: &str) -> Result<()> {
         LINGER as f64
     );
 
+    // The counting map holds at least this namespace's label sets, one entry each.
+    let entries = after
+        .get("sockscope_ebpf_map_entries", &[("map", "resets_sent")])
+        .unwrap_or(0.0);
+    let own_sets = after
+        .series(SENT)
+        .iter()
+        .filter(|s| s.label("netns") == Some(netns.as_str()))
+        .count() as f64;
+    assert!(
+        entries >= own_sets && own_sets >= 3.0,
+        "resets_sent holds {entries} entries, this namespace has {own_sets} series"
+    );
+    assert_eq!(
+        after.get("sockscope_ebpf_map_max_entries", &[("map", "resets_sent")]),
+        Some(8192.0)
+    );
+
     // The agent's own copy of the kernel counter agrees too.
     let own = after.sum("sockscope_netstat_resets_sent_total", &[("netns", &netns)])
         - before.sum("sockscope_netstat_resets_sent_total", &[("netns", &netns)]);

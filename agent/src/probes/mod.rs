@@ -549,6 +549,25 @@ impl Probes {
         })
     }
 
+    /// Second handles on the hash maps of `names` (object name, `map` label) that exist,
+    /// for watching their fill; taken before the collectors take the maps.
+    pub fn watched_maps(
+        &self,
+        names: &[(&str, &'static str)],
+    ) -> Vec<crate::metrics::ebpf::WatchedMap> {
+        names
+            .iter()
+            .filter_map(|(name, label)| {
+                let id = match self.ebpf.map(name)? {
+                    Map::PerCpuHashMap(d) | Map::HashMap(d) => d.info().ok()?.id(),
+                    _ => return None,
+                };
+                let map = aya::maps::MapData::from_id(id).ok()?;
+                Some(crate::metrics::ebpf::WatchedMap { label, map })
+            })
+            .collect()
+    }
+
     /// Takes a map out of the object, for a collector to own.
     pub fn take_map(&mut self, name: &str) -> Option<Map> {
         self.ebpf.take_map(name)
