@@ -104,23 +104,24 @@ fn local_port(common: &SkCommon, state: u8) -> u16 {
 /// Raw `tcp_receive_reset(sk)`: an RST accepted by a socket (`tcp_reset()`).
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn rst_recv_raw(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
+    received_by(&ctx, ctx.arg(0));
+    0
+}
+
+/// Counts a reset accepted by the socket `sk`, read through the helper.
+#[inline(always)]
+fn received_by<C: EbpfContext>(ctx: &C, sk: u64) {
     if let Some(common) = SkCommon::read(sk) {
         let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
-        count_received(&ctx, common.netns(), local_port(&common, state), state);
+        count_received(ctx, common.netns(), local_port(&common, state), state);
     }
-    0
 }
 
 /// fentry on `tcp_reset(sk, skb)`, the function that raises `tcp_receive_reset` first thing:
 /// the same events without the tracepoint (kernels that permit fentry).
 #[fentry(function = "tcp_reset")]
 pub fn rst_recv_fentry(ctx: FEntryContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(common) = SkCommon::read(sk) {
-        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
-        count_received(&ctx, common.netns(), local_port(&common, state), state);
-    }
+    received_by(&ctx, ctx.arg(0));
     0
 }
 

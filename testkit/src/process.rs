@@ -96,11 +96,7 @@ pub fn command_without_caps(
     drop_caps: &[u32],
 ) -> std::process::Command {
     use std::os::unix::process::CommandExt as _;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = piped_command(program, args);
     let drop_caps = drop_caps.to_vec();
     // SAFETY: only async-signal-safe prctl calls between fork and exec.
     unsafe {
@@ -151,11 +147,7 @@ pub fn command_with_caps(
     uid: Option<u32>,
 ) -> std::process::Command {
     use std::os::unix::process::CommandExt as _;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = piped_command(program, args);
     let mask: u64 = keep.iter().fold(0, |m, c| m | (1u64 << c));
     let keep = keep.to_vec();
     // SAFETY: only system calls between fork and exec; nothing allocates.
@@ -262,4 +254,14 @@ pub fn kernel_bpf_ids() -> std::collections::HashSet<(String, u32)> {
         .filter_map(Result::ok)
         .map(|l| ("link_id".to_string(), l.id()));
     progs.chain(links).collect()
+}
+
+/// `program args` with no input and its output captured.
+fn piped_command(program: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
 }
