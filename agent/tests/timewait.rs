@@ -174,6 +174,11 @@ fn scrape_until(agent: &AgentProcess, ready: impl Fn(&Metrics) -> bool) -> Resul
 }
 
 #[test]
+fn client_and_server_closes_btf_tracepoints() -> Result<()> {
+    client_and_server_closes("btf_tracepoint")
+}
+
+#[test]
 fn client_and_server_closes_raw_tracepoints() -> Result<()> {
     client_and_server_closes("raw_tracepoint")
 }
