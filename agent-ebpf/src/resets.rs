@@ -65,27 +65,27 @@ pub fn rst_send_raw(ctx: RawTracePointContext) -> i32 {
     } else {
         Some(ctx.arg::<u64>(2) as u32)
     };
+    sent_by(&ctx, sk, Some(ctx.arg(1)), reason_label(reason));
+    0
+}
+
+/// Counts a reset sent by the socket `sk`, read through the helper; without a socket, by
+/// the segment `skb` it answers, when there is one.
+#[inline(always)]
+fn sent_by<C: EbpfContext>(ctx: &C, sk: u64, skb: Option<u64>, reason: u8) {
     if let Some(common) = SkCommon::read(sk) {
         // Full, request and timewait sockets all begin with sock_common.
         let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
         count_sent(
-            &ctx,
+            ctx,
             common.netns(),
             local_port(&common, state),
             state,
-            reason_label(reason),
+            reason,
         );
-    } else {
-        let skb: u64 = ctx.arg(1);
-        count_sent(
-            &ctx,
-            skb_netns(skb),
-            skb_local_port(skb),
-            STATE_NONE,
-            reason_label(reason),
-        );
+    } else if let Some(skb) = skb {
+        count_sent(ctx, skb_netns(skb), skb_local_port(skb), STATE_NONE, reason);
     }
-    0
 }
 
 /// The local port of a socket in `state`: `inet_sport` for full sockets (their `skc_num` is
@@ -130,17 +130,7 @@ pub fn rst_recv_fentry(ctx: FEntryContext) -> i32 {
 /// (this path is for kernels before 6.10, which have none): `unknown`.
 #[fentry(function = "tcp_send_active_reset")]
 pub fn rst_send_active_fentry(ctx: FEntryContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(common) = SkCommon::read(sk) {
-        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
-        count_sent(
-            &ctx,
-            common.netns(),
-            local_port(&common, state),
-            state,
-            REASON_UNKNOWN,
-        );
-    }
+    sent_by(&ctx, ctx.arg(0), None, REASON_UNKNOWN);
     0
 }
 
@@ -175,24 +165,7 @@ fn reply_reset<C: EbpfContext>(ctx: &C, sk: u64, skb: u64) {
     if flags & TH_RST != 0 {
         return;
     }
-    if let Some(common) = SkCommon::read(sk) {
-        let state: u8 = common.field(layout(|l| &l.sk_state)).unwrap_or(STATE_NONE);
-        count_sent(
-            ctx,
-            common.netns(),
-            local_port(&common, state),
-            state,
-            REASON_UNKNOWN,
-        );
-    } else {
-        count_sent(
-            ctx,
-            skb_netns(skb),
-            skb_local_port(skb),
-            STATE_NONE,
-            REASON_UNKNOWN,
-        );
-    }
+    sent_by(ctx, sk, Some(skb), REASON_UNKNOWN);
 }
 
 /// BTF `tcp_send_reset(sk, skb[, reason])`: as [`rst_send_raw`], but the verifier knows the

@@ -3,15 +3,13 @@
 //! counter or re-attaching a program; an invalid file changes nothing and the log says why;
 //! a setting that needs a restart is named.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
-use testkit::{AgentProcess, Metrics, Netns, connect_closed_port, require_root, wait_until};
+use testkit::{
+    AgentProcess, Metrics, Netns, TempDir, connect_closed_port, require_root, wait_until,
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sockscope");
 const SENT: &str = "sockscope_tcp_resets_sent_total";
@@ -20,36 +18,28 @@ fn agent_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9844))
 }
 
-/// A config file removed on drop.
-struct ConfigFile(PathBuf);
+/// A config file in a directory removed on drop.
+struct ConfigFile {
+    dir: TempDir,
+    path: String,
+}
 
 impl ConfigFile {
     fn new(text: &str) -> Result<Self> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("sockscope-reload-{}-{n}.toml", std::process::id()));
-        let file = Self(path);
-        file.write(text)?;
-        Ok(file)
+        let dir = TempDir::new("reload")?;
+        let path = dir.write("sockscope.toml", text)?;
+        let path = path.to_str().context("UTF-8 temp path")?.to_string();
+        Ok(Self { dir, path })
     }
 
     /// Replaces the content at once (write then rename), as a config tool would.
     fn write(&self, text: &str) -> Result<()> {
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &self.0)?;
+        self.dir.write("sockscope.toml", text)?;
         Ok(())
     }
 
     fn path(&self) -> &str {
-        self.0.to_str().expect("UTF-8 temp path")
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        &self.path
     }
 }
 
