@@ -78,14 +78,32 @@ pub mod listen_kind {
     pub const SYN_QUEUE_FULL_COOKIE: u8 = 3;
     /// A SYN-ACK retransmitted.
     pub const SYNACK_RETRANSMIT: u8 = 4;
-    /// A handshake completed into the accept queue.
-    pub const HANDSHAKE: u8 = 5;
-    /// Sum of the accept-queue lengths seen at completed handshakes.
-    pub const OCCUPANCY_SUM: u8 = 6;
-    /// Occupancy histogram bucket `i` is `OCCUPANCY_BUCKET0 + i`.
-    pub const OCCUPANCY_BUCKET0: u8 = 16;
     /// Number of occupancy buckets: upper bounds 0, 1, 2, 4, … 2^16, then +Inf.
     pub const OCCUPANCY_BUCKETS: u8 = 19;
+}
+
+/// Value of `HANDSHAKES`: a listener's handshakes completed into its accept queue, and the
+/// queue lengths they made (a histogram and its sum). One entry holds them all, so a
+/// handshake costs one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeCounts {
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Sum of the accept-queue lengths seen at those handshakes (histogram'd ones only).
+    pub occupancy_sum: u64,
+    /// Occupancy histogram: bucket `i` counts lengths up to the `i`-th bound (see
+    /// [`listen_kind::OCCUPANCY_BUCKETS`]).
+    pub occupancy: [u64; listen_kind::OCCUPANCY_BUCKETS as usize],
+}
+
+impl HandshakeCounts {
+    /// All zero: a new entry.
+    pub const ZERO: Self = Self {
+        handshakes: 0,
+        occupancy_sum: 0,
+        occupancy: [0; listen_kind::OCCUPANCY_BUCKETS as usize],
+    };
 }
 
 /// The listener a non-SYN segment was just delivered to on this CPU (`HANDSHAKE_STASH`):
@@ -126,6 +144,11 @@ pub mod tw_class {
 /// Number of u64 words in the watched-port bitmap (one bit per port).
 pub const WATCH_PORT_WORDS: u32 = 1024;
 
+/// Ports per entry of `LISTEN_PORT_SEEN` (one byte each).
+pub const PORT_SEEN_SPAN: u32 = 64;
+/// Entries of `LISTEN_PORT_SEEN`: every port has its byte.
+pub const PORT_SEEN_ENTRIES: u32 = 65536 / PORT_SEEN_SPAN;
+
 /// Indices of the per-CPU `MAP_ERRORS` array: counts of in-kernel map updates that failed.
 pub mod map_error {
     /// `RESETS_SENT` was full.
@@ -140,8 +163,10 @@ pub mod map_error {
     pub const TIME_WAIT_ENTERED: u32 = 4;
     /// `TCP_SEGMENTS` was full.
     pub const TCP_SEGMENTS: u32 = 5;
+    /// `HANDSHAKES` was full.
+    pub const HANDSHAKES: u32 = 6;
     /// Length of the array.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Map names, by index, as they appear in the `map` label.
     pub const NAMES: [&str; COUNT as usize] = [
         "resets_sent",
@@ -150,6 +175,7 @@ pub mod map_error {
         "listen_events",
         "time_wait_entered",
         "tcp_segments",
+        "handshakes",
     ];
 }
 
@@ -332,6 +358,8 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HandshakeStash {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HandshakeCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TimeWaitKey {}
     unsafe impl aya::Pod for SegmentKey {}

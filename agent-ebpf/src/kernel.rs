@@ -2,7 +2,8 @@
 //! (`LAYOUT`, resolved at start-up from the running kernel's BTF and format files).
 
 use agent_common::{
-    FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_OTHER, WATCH_PORT_WORDS,
+    FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_OTHER, PORT_SEEN_ENTRIES,
+    PORT_SEEN_SPAN, WATCH_PORT_WORDS,
 };
 
 /// `AF_INET6`.
@@ -25,6 +26,34 @@ static LAYOUT: KernelLayout = KernelLayout::ABSENT;
 /// pruned by the agent from sock_diag.
 #[map]
 pub static LISTEN_PORTS: HashMap<ListenPortKey, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Ports that have had a listener in some namespace since the programs were loaded, one
+/// byte per port: set here on every move to LISTEN, never cleared. With
+/// [`LISTEN_PORT_SEEDED`], the agent's marks, a port marked in neither has no listener
+/// anywhere: the port rule answers `other` from these two small arrays, which stay in
+/// cache, without the hash lookup in `LISTEN_PORTS`. Most events (resets to closed ports,
+/// the ephemeral side of a connection) end there. Two maps because the agent writes whole
+/// entries: one writer each, so neither can undo the other's marks.
+#[map]
+pub static LISTEN_PORT_SEEN: Array<[u8; PORT_SEEN_SPAN as usize]> =
+    Array::with_max_entries(PORT_SEEN_ENTRIES, 0);
+
+/// The agent's marks: the ports of the listeners it seeds into `LISTEN_PORTS` from
+/// sock_diag (those that were listening before the programs were loaded).
+#[map]
+pub static LISTEN_PORT_SEEDED: Array<[u8; PORT_SEEN_SPAN as usize]> =
+    Array::with_max_entries(PORT_SEEN_ENTRIES, 0);
+
+/// Marks `port` in [`LISTEN_PORT_SEEN`]. A plain byte store: concurrent marks of other
+/// ports touch other bytes, and a mark is never undone.
+#[inline(always)]
+pub fn mark_listen_port(port: u16) {
+    if let Some(span) = LISTEN_PORT_SEEN.get_ptr_mut(u32::from(port) / PORT_SEEN_SPAN) {
+        let at = (u32::from(port) % PORT_SEEN_SPAN) as usize;
+        // SAFETY: an element of the array map; `at` is below its length.
+        unsafe { core::ptr::write_volatile((*span).as_mut_ptr().add(at), 1) };
+    }
+}
 
 /// 1 when any port is watched: saves the bitmap lookup on every event otherwise.
 #[unsafe(no_mangle)]
@@ -184,6 +213,16 @@ pub fn port_label(netns: u32, port: u16) -> u16 {
     {
         return port;
     }
+    let (index, at) = (
+        u32::from(port) / PORT_SEEN_SPAN,
+        (u32::from(port) % PORT_SEEN_SPAN) as usize,
+    );
+    let marked = |map: &Array<[u8; PORT_SEEN_SPAN as usize]>| {
+        map.get(index).is_some_and(|span| span[at] != 0)
+    };
+    if !marked(&LISTEN_PORT_SEEN) && !marked(&LISTEN_PORT_SEEDED) {
+        return PORT_OTHER;
+    }
     let key = ListenPortKey {
         netns,
         port,
@@ -208,8 +247,7 @@ pub fn increment<C: EbpfContext, K>(
     add(ctx, map, key, 1, error_index);
 }
 
-/// Adds `n` to `map[key]` on this CPU, creating the entry; a full map is counted in
-/// `MAP_ERRORS[error_index]` and logged instead of being lost silently.
+/// Adds `n` to `map[key]` on this CPU, creating the entry; see [`value_of`].
 #[inline(always)]
 pub fn add<C: EbpfContext, K>(
     ctx: &C,
@@ -218,19 +256,29 @@ pub fn add<C: EbpfContext, K>(
     n: u64,
     error_index: u32,
 ) {
-    if let Some(value) = map.get_ptr_mut(key) {
+    if let Some(value) = value_of(ctx, map, key, &0, error_index) {
         // SAFETY: per-CPU value of an existing entry; no other CPU writes it.
         unsafe { *value += n };
-        return;
     }
-    if map.insert(key, n, u64::from(BPF_NOEXIST)).is_ok() {
-        return;
-    }
-    // Another CPU may have created it between our lookup and insert.
+}
+
+/// This CPU's value of `map[key]`, the entry created with `init` when missing; a full map
+/// is counted in `MAP_ERRORS[error_index]` and logged instead of being lost silently.
+#[inline(always)]
+pub fn value_of<C: EbpfContext, K, V>(
+    ctx: &C,
+    map: &PerCpuHashMap<K, V>,
+    key: &K,
+    init: &V,
+    error_index: u32,
+) -> Option<*mut V> {
     if let Some(value) = map.get_ptr_mut(key) {
-        // SAFETY: as above.
-        unsafe { *value += n };
-        return;
+        return Some(value);
+    }
+    // A failure is a full map, or another CPU creating the entry meanwhile: look again.
+    let _ = map.insert(key, init, u64::from(BPF_NOEXIST));
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some(value);
     }
     // Logged once per CPU and map, not per lost event: a full map would otherwise flood the
     // log; the agent exports the running count (sockscope_ebpf_map_update_errors_total).
@@ -241,6 +289,7 @@ pub fn add<C: EbpfContext, K>(
             error_index
         );
     }
+    None
 }
 
 /// Counts one failed map update; returns this CPU's count before it.

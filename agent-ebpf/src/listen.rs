@@ -12,12 +12,13 @@
 //! - `listen_synack` (`tcp:tcp_retransmit_synack`): SYN-ACK retransmits per listener.
 
 use agent_common::{
-    FIELD_ABSENT, HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey, TCP_LISTEN, listen_kind,
-    map_error,
+    FIELD_ABSENT, HandshakeCounts, HandshakeStash, IPPROTO_TCP, ListenPortKey, ListenerKey,
+    TCP_LISTEN, listen_kind, map_error,
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skc_to_tcp_sock},
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::bpf_skc_to_tcp_sock,
     macros::{btf_tracepoint, cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
@@ -25,8 +26,8 @@ use aya_ebpf::{
 
 use crate::{
     kernel::{
-        AF_INET6, LISTEN_PORTS, add, count_map_error, increment, kread, layout, listener_key, load,
-        record, sk_netns,
+        AF_INET6, LISTEN_PORTS, count_map_error, increment, kread, layout, listener_key, load,
+        mark_listen_port, record, sk_netns, value_of,
     },
     timewait,
 };
@@ -34,6 +35,16 @@ use crate::{
 /// Per-listener counters, keyed by listener and [`listen_kind`].
 #[map]
 static LISTEN_EVENTS: PerCpuHashMap<ListenerKey, u64> = PerCpuHashMap::with_max_entries(32768, 0);
+
+/// Completed handshakes per listener (key `kind` 0), with the accept-queue lengths they
+/// made. Allocated as listeners appear: a preallocated table of these values would cost
+/// every CPU of a large host megabytes for listeners it may never have.
+#[map]
+static HANDSHAKES: PerCpuHashMap<ListenerKey, HandshakeCounts> =
+    PerCpuHashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// A new `HANDSHAKES` entry.
+static NEW_HANDSHAKES: HandshakeCounts = HandshakeCounts::ZERO;
 
 /// The listener the last non-SYN segment on this CPU went to (see [`HandshakeStash`]).
 #[map]
@@ -69,6 +80,8 @@ fn set_state<C: EbpfContext>(
         if LISTEN_PORTS.insert(key, 1u8, 0).is_err() {
             let _ = count_map_error(map_error::LISTEN_PORTS);
         }
+        // After the insert: a program that finds the mark finds the entry too.
+        mark_listen_port(port);
     } else if oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED {
         handshake(ctx, sk, netns, port);
     }
@@ -169,27 +182,41 @@ fn handshake<C: EbpfContext>(ctx: &C, child: u64, netns: u32, port: u16) {
             let listener = s.listener;
             let key = s.key;
             s.listener = 0;
-            count(ctx, key, listen_kind::HANDSHAKE);
             // The child is already in the queue: this is the length it made.
-            if let Some(len) = kread::<u32>(listener, layout(|l| &l.sk_ack_backlog)) {
-                let mut k = key;
-                k.kind = listen_kind::OCCUPANCY_SUM;
-                add(
-                    ctx,
-                    &LISTEN_EVENTS,
-                    &k,
-                    u64::from(len),
-                    map_error::LISTEN_EVENTS,
-                );
-                count(ctx, key, listen_kind::OCCUPANCY_BUCKET0 + bucket(len));
-            }
+            let len = kread::<u32>(listener, layout(|l| &l.sk_ack_backlog));
+            count_handshake(ctx, &key, len);
             return;
         }
     }
     // No listener seen (cgroup program unavailable, or TCP Fast Open): attribute by the
     // child's own address; the agent maps it to the listener series.
     if let Some(key) = listener_key(child) {
-        count(ctx, key, listen_kind::HANDSHAKE);
+        count_handshake(ctx, &key, None);
+    }
+}
+
+/// One handshake for `key`, with the accept-queue length it made when known.
+#[inline(always)]
+fn count_handshake<C: EbpfContext>(ctx: &C, key: &ListenerKey, len: Option<u32>) {
+    // The new entry's value from read-only data: 168 bytes are too many for the stack.
+    let Some(value) = value_of(
+        ctx,
+        &HANDSHAKES,
+        key,
+        &NEW_HANDSHAKES,
+        map_error::HANDSHAKES,
+    ) else {
+        return;
+    };
+    // SAFETY: this CPU's value of an existing entry; no other CPU writes it.
+    let v = unsafe { &mut *value };
+    v.handshakes += 1;
+    if let Some(len) = len {
+        v.occupancy_sum += u64::from(len);
+        let b = usize::from(bucket(len));
+        if b < v.occupancy.len() {
+            v.occupancy[b] += 1;
+        }
     }
 }
 
@@ -227,50 +254,51 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
     if sk.is_null() {
         return None;
     }
-    // SAFETY: helper call on the context's socket.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket the verifier knows.
-    let state = unsafe { (*full).state };
+    // `state` lies in `sock_common`: readable without `bpf_sk_fullsock`.
+    // SAFETY: a socket pointer the verifier knows, null-checked above.
+    let state = unsafe { core::ptr::read_volatile(&(*sk).state) };
     if state != TCP_LISTEN {
         return None;
     }
+    let packet = Packet::new(ctx);
     // `protocol` holds the packet's big-endian 16-bit EtherType, zero-extended.
     let flags_at = match u32::from(u16::from_be(skb.protocol as u16)) {
         ETH_P_IP => {
-            let v: u8 = ctx.load(0).ok()?;
-            let proto: u8 = ctx.load(9).ok()?;
-            if proto != IPPROTO_TCP as u8 {
+            let v = packet.byte(ctx, 0)?;
+            if packet.byte(ctx, 9)? != IPPROTO_TCP as u8 {
                 return None;
             }
             usize::from(v & 0x0f) * 4 + 13
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(6).ok()?;
-            if next != IPPROTO_TCP as u8 {
+            if packet.byte(ctx, 6)? != IPPROTO_TCP as u8 {
                 return None;
             }
             40 + 13
         }
         _ => return None,
     };
-    let flags: u8 = ctx.load(flags_at).ok()?;
+    let flags = packet.byte(ctx, flags_at)?;
     // As a `tcp_sock` the verifier knows the listener's kernel type: its fields are read
     // with plain loads, not a helper call each.
-    // SAFETY: helper call on a full socket the verifier knows.
-    let tp = unsafe { bpf_skc_to_tcp_sock(full.cast()) } as *const u8;
+    // SAFETY: helper call on a socket the verifier knows; it checks the socket's kind.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *const u8;
     if tp.is_null() {
         return None;
     }
-    let listener = address_of(tp as u64)?;
     let key = typed_listener_key(tp);
     if flags & TH_SYN == 0 {
         // An ACK for a request socket: remember the listener for the handshake counter.
         if let Some(stash) = HANDSHAKE_STASH.get_ptr_mut(0) {
+            // The address as a plain number (the agent loads the programs with the right to
+            // store kernel addresses in maps); read back later as a number.
             // SAFETY: this CPU's slot.
-            unsafe { *stash = HandshakeStash { listener, key } };
+            unsafe {
+                *stash = HandshakeStash {
+                    listener: tp as u64,
+                    key,
+                }
+            };
         }
         return None;
     }
@@ -278,6 +306,47 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
         return None;
     }
     syn_decision(ctx, tp, key)
+}
+
+/// 1, in read-only data: see [`Packet::byte`].
+#[unsafe(no_mangle)]
+static PACKET_BYTE: usize = 1;
+
+/// The segment's linear bytes, read directly (`data` .. `data_end`, from the network
+/// header on); a byte beyond them comes through the helper.
+struct Packet {
+    data: usize,
+    end: usize,
+}
+
+impl Packet {
+    #[inline(always)]
+    fn new(ctx: &SkBuffContext) -> Self {
+        // SAFETY: the context's __sk_buff; 32-bit loads of `data` and `data_end`, as the
+        // verifier wants them.
+        unsafe {
+            let skb = ctx.skb.skb;
+            Self {
+                data: core::ptr::read_volatile(&(*skb).data) as usize,
+                end: core::ptr::read_volatile(&(*skb).data_end) as usize,
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn byte(&self, ctx: &SkBuffContext, offset: usize) -> Option<u8> {
+        let at = self.data + offset;
+        // `at + 1` with a 1 the compiler cannot see: it would test `at < end` instead,
+        // from which the verifier learns no readable range.
+        // SAFETY: a valid static; volatile only prevents constant folding.
+        let one = unsafe { core::ptr::read_volatile(&PACKET_BYTE) };
+        if at + one <= self.end {
+            // SAFETY: inside the packet's linear data, checked against `data_end`.
+            Some(unsafe { *(at as *const u8) })
+        } else {
+            ctx.load(offset).ok()
+        }
+    }
 }
 
 /// [`listener_key`] of a listener the verifier knows by type, with plain loads.
@@ -326,16 +395,6 @@ fn syn_decision(ctx: &SkBuffContext, tp: *const u8, key: ListenerKey) -> Option<
         count(ctx, key, listen_kind::OVERFLOW_SYN);
     }
     Some(())
-}
-
-/// The kernel address behind a verifier-typed socket pointer, as a plain number: reading the
-/// pointer back from the stack through the helper makes it a scalar, so offsets resolved at
-/// start-up can be added to it.
-#[inline(always)]
-fn address_of(ptr: u64) -> Option<u64> {
-    let slot = ptr;
-    // SAFETY: reads 8 bytes of our own stack.
-    unsafe { bpf_probe_read_kernel(&slot as *const u64).ok() }
 }
 
 fn ack_drop<C: EbpfContext>(ctx: &C, reason: u32, sk: u64) {

@@ -167,12 +167,14 @@ async fn serve(
             ("RESETS_RECV", "resets_recv"),
             ("LISTEN_PORTS", "listen_ports"),
             ("LISTEN_EVENTS", "listen_events"),
+            ("HANDSHAKES", "handshakes"),
             ("TIME_WAIT_ENTERED", "time_wait_entered"),
             ("TCP_SEGMENTS", "tcp_segments"),
         ]);
         let mut counters = ports::CounterMaps {
             resets: Vec::new(),
             listen: None,
+            handshakes: None,
             timewait: None,
         };
         for name in ["RESETS_SENT", "RESETS_RECV"] {
@@ -182,6 +184,9 @@ async fn serve(
         }
         if let Some(map) = probes.second_handle("LISTEN_EVENTS") {
             counters.listen = Some(map.try_into()?);
+        }
+        if let Some(map) = probes.second_handle("HANDSHAKES") {
+            counters.handshakes = Some(map.try_into()?);
         }
         if let Some(map) = probes.second_handle("TIME_WAIT_ENTERED") {
             counters.timewait = Some(map.try_into()?);
@@ -201,9 +206,13 @@ async fn serve(
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
         watch_map = Some(watch);
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
-        port_sync = Some(ports::Upkeep::new(listen, counters));
+        let seeded = ports::SeededPorts::new(take(probes, "LISTEN_PORT_SEEDED")?);
+        port_sync = Some(ports::Upkeep::new(listen, seeded, counters));
         if args.collectors.enabled("listen") {
-            listen_events = Some(take(probes, "LISTEN_EVENTS")?);
+            listen_events = Some(ListenMap::new(
+                take(probes, "LISTEN_EVENTS")?,
+                take(probes, "HANDSHAKES")?,
+            ));
         }
         if args.collectors.enabled("timewait") {
             match &probes.timewait {
@@ -253,7 +262,7 @@ async fn serve(
         if scan_config.listen {
             // The kernel programs' per-listener counts, when they are loaded.
             let events: Option<Box<dyn ListenEventSource>> = match listen_events {
-                Some(map) => Some(Box::new(ListenMap::new(map))),
+                Some(maps) => Some(Box::new(maps)),
                 None => None,
             };
             sources.push(Box::new(Listen::new(Arc::clone(&scan), events)));

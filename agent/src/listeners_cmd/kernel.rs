@@ -15,8 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::ListenerKey;
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::PerCpuHashMap;
 
 use super::{
     owners,
@@ -131,14 +130,14 @@ impl KernelSource {
                 return;
             }
         };
-        let map = probes
-            .take_map("LISTEN_EVENTS")
-            .ok_or_else(|| "map LISTEN_EVENTS missing from the kernel object".to_owned())
-            .and_then(|m| {
-                PerCpuHashMap::<MapData, ListenerKey, u64>::try_from(m).map_err(|e| e.to_string())
-            });
+        let map = counter_map(&mut probes, "LISTEN_EVENTS").and_then(|events| {
+            Ok(ListenMap::new(
+                events,
+                counter_map(&mut probes, "HANDSHAKES")?,
+            ))
+        });
         match map {
-            Ok(map) => self.events = Some(ListenMap::new(map)),
+            Ok(maps) => self.events = Some(maps),
             Err(why) => {
                 self.unavailable.push(Unavailable { what: both, why });
                 self._probes = Some(probes);
@@ -529,6 +528,17 @@ fn settings(values: SysctlValues) -> Settings {
         tcp_syncookies: get("tcp_syncookies"),
         tcp_max_syn_backlog: get("tcp_max_syn_backlog"),
     }
+}
+
+/// A per-CPU counter map of the listen programs, by listener, out of `probes`.
+fn counter_map<V: aya::Pod>(
+    probes: &mut Probes,
+    name: &str,
+) -> Result<PerCpuHashMap<aya::maps::MapData, agent_common::ListenerKey, V>, String> {
+    let map = probes
+        .take_map(name)
+        .ok_or_else(|| format!("map {name} missing from the kernel object"))?;
+    PerCpuHashMap::try_from(map).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

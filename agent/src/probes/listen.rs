@@ -1,11 +1,12 @@
-//! Reads the listen-backlog event counters (`LISTEN_EVENTS`) for the listen collector.
+//! Reads the listen-backlog event counters (`LISTEN_EVENTS`, and `HANDSHAKES` with the
+//! accept-queue occupancy) for the listen collector.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use agent_common::{ListenerKey, listen_kind};
+use agent_common::{HandshakeCounts, ListenerKey, listen_kind};
 use aya::maps::{MapData, MapError, PerCpuHashMap};
 
 use crate::metrics::listen::{ListenEventKind, ListenEventSource, ListenEvents, ListenerId};
@@ -27,12 +28,16 @@ pub fn occupancy_bounds() -> Vec<f64> {
 /// The kernel's per-listener counters.
 pub struct ListenMap {
     map: PerCpuHashMap<MapData, ListenerKey, u64>,
+    handshakes: PerCpuHashMap<MapData, ListenerKey, HandshakeCounts>,
 }
 
 impl ListenMap {
-    /// Wraps the `LISTEN_EVENTS` map.
-    pub fn new(map: PerCpuHashMap<MapData, ListenerKey, u64>) -> Self {
-        Self { map }
+    /// Wraps the `LISTEN_EVENTS` and `HANDSHAKES` maps.
+    pub fn new(
+        map: PerCpuHashMap<MapData, ListenerKey, u64>,
+        handshakes: PerCpuHashMap<MapData, ListenerKey, HandshakeCounts>,
+    ) -> Self {
+        Self { map, handshakes }
     }
 }
 
@@ -61,7 +66,6 @@ fn event_kind(kind: u8) -> Option<ListenEventKind> {
         listen_kind::SYN_QUEUE_FULL_DROP => ListenEventKind::SynQueueFullDrop,
         listen_kind::SYN_QUEUE_FULL_COOKIE => ListenEventKind::SynQueueFullCookie,
         listen_kind::SYNACK_RETRANSMIT => ListenEventKind::SynackRetransmit,
-        listen_kind::HANDSHAKE => ListenEventKind::Handshake,
         _ => return None,
     })
 }
@@ -70,31 +74,40 @@ impl ListenEventSource for ListenMap {
     fn read(&self) -> anyhow::Result<ListenEvents> {
         let buckets = usize::from(listen_kind::OCCUPANCY_BUCKETS);
         let mut counters = Vec::new();
-        let mut occupancy: HashMap<ListenerId, Vec<u64>> = HashMap::new();
-        let mut sums: HashMap<ListenerId, u64> = HashMap::new();
         for entry in self.map.iter() {
             let (key, values) = match entry {
                 Ok(kv) => kv,
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let total: u64 = values.iter().sum();
-            let id = listener_id(&key);
-            match key.kind {
-                listen_kind::OCCUPANCY_SUM => *sums.entry(id).or_insert(0) += total,
-                k if k >= listen_kind::OCCUPANCY_BUCKET0 => {
-                    let i = usize::from(k - listen_kind::OCCUPANCY_BUCKET0);
-                    if i < buckets {
-                        occupancy.entry(id).or_insert_with(|| vec![0; buckets])[i] += total;
-                    }
-                }
-                k => {
-                    if let Some(kind) = event_kind(k) {
-                        counters.push((id, kind, total));
-                    }
-                }
+            if let Some(kind) = event_kind(key.kind) {
+                counters.push((listener_id(&key), kind, values.iter().sum()));
             }
         }
+        let mut occupancy: HashMap<ListenerId, Vec<u64>> = HashMap::new();
+        let mut sums: HashMap<ListenerId, u64> = HashMap::new();
+        for entry in self.handshakes.iter() {
+            let (key, values) = match entry {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let id = listener_id(&key);
+            let mut handshakes = 0;
+            let histogram = occupancy.entry(id).or_insert_with(|| vec![0; buckets]);
+            let sum = sums.entry(id).or_insert(0);
+            for cpu in values.iter() {
+                handshakes += cpu.handshakes;
+                *sum += cpu.occupancy_sum;
+                for (total, n) in histogram.iter_mut().zip(cpu.occupancy) {
+                    *total += n;
+                }
+            }
+            counters.push((id, ListenEventKind::Handshake, handshakes));
+        }
+        // Handshakes attributed without a listener carry no lengths: no empty histogram.
+        occupancy.retain(|_, h| h.iter().any(|&n| n != 0));
+        sums.retain(|id, _| occupancy.contains_key(id));
         Ok(ListenEvents {
             counters,
             occupancy: occupancy.into_iter().collect(),

@@ -5,7 +5,10 @@
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
-use agent_common::{ListenPortKey, ListenerKey, ResetKey, TimeWaitKey, WATCH_PORT_WORDS};
+use agent_common::{
+    HandshakeCounts, ListenPortKey, ListenerKey, PORT_SEEN_ENTRIES, PORT_SEEN_SPAN, ResetKey,
+    TimeWaitKey, WATCH_PORT_WORDS,
+};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 
 /// Writes the watched ports into the `WATCH_PORTS` bitmap.
@@ -31,22 +34,67 @@ pub struct CounterMaps {
     pub resets: Vec<PerCpuHashMap<MapData, ResetKey, u64>>,
     /// `LISTEN_EVENTS`.
     pub listen: Option<PerCpuHashMap<MapData, ListenerKey, u64>>,
+    /// `HANDSHAKES`.
+    pub handshakes: Option<PerCpuHashMap<MapData, ListenerKey, HandshakeCounts>>,
     /// `TIME_WAIT_ENTERED`.
     pub timewait: Option<PerCpuHashMap<MapData, TimeWaitKey, u64>>,
+}
+
+/// One entry of the port-mark arrays (`LISTEN_PORT_SEEN`, `LISTEN_PORT_SEEDED`).
+type PortSpan = [u8; PORT_SEEN_SPAN as usize];
+
+/// The agent's marks in `LISTEN_PORT_SEEDED`: the ports it seeded, which the programs' port
+/// rule then looks up in `LISTEN_PORTS` (a port marked nowhere is `other` at once). Marks
+/// are never cleared: a port whose listener went only costs the exact lookup again.
+pub struct SeededPorts {
+    map: Array<MapData, PortSpan>,
+    spans: Vec<PortSpan>,
+}
+
+impl SeededPorts {
+    /// Wraps the `LISTEN_PORT_SEEDED` map (all clear: the programs were just loaded).
+    pub fn new(map: Array<MapData, PortSpan>) -> Self {
+        Self {
+            map,
+            spans: vec![[0; PORT_SEEN_SPAN as usize]; PORT_SEEN_ENTRIES as usize],
+        }
+    }
+
+    /// Marks `port`. The agent is the map's only writer, so writing the whole entry back
+    /// loses no mark.
+    fn mark(&mut self, port: u16) -> Result<(), MapError> {
+        let index = u32::from(port) / PORT_SEEN_SPAN;
+        let at = (u32::from(port) % PORT_SEEN_SPAN) as usize;
+        let span = &mut self.spans[index as usize];
+        if span[at] != 0 {
+            return Ok(());
+        }
+        span[at] = 1;
+        let copy = *span;
+        self.map.set(index, copy, 0).inspect_err(|_| {
+            self.spans[index as usize][at] = 0;
+        })
+    }
 }
 
 /// The periodic upkeep: listener ports and dead namespaces.
 pub struct Upkeep {
     ports: HashMap<MapData, ListenPortKey, u8>,
+    seeded: SeededPorts,
     counters: CounterMaps,
     misses: StdHashMap<u32, u8>,
 }
 
 impl Upkeep {
-    /// Upkeep of `LISTEN_PORTS` and of the counter maps.
-    pub fn new(ports: HashMap<MapData, ListenPortKey, u8>, counters: CounterMaps) -> Self {
+    /// Upkeep of `LISTEN_PORTS` (with the marks of the ports seeded) and of the counter maps.
+    pub fn new(
+        ports: HashMap<MapData, ListenPortKey, u8>,
+        seeded: SeededPorts,
+        counters: CounterMaps,
+    ) -> Self {
         Self {
             ports,
+            seeded,
             counters,
             misses: StdHashMap::new(),
         }
@@ -84,6 +132,10 @@ impl Upkeep {
                 ) {
                     tracing::debug!(netns, port, "seeding a listener port: {e}");
                 }
+                // After the insert: the programs look the port up once they see its mark.
+                if let Err(e) = self.seeded.mark(port) {
+                    tracing::warn!(port, "marking a listener port: {e}");
+                }
             }
         }
         let dead = self.dead_namespaces(found);
@@ -97,6 +149,9 @@ impl Upkeep {
                 prune(map, &dead, |k| k.netns);
             }
             if let Some(map) = self.counters.listen.as_mut() {
+                prune(map, &dead, |k| k.netns);
+            }
+            if let Some(map) = self.counters.handshakes.as_mut() {
                 prune(map, &dead, |k| k.netns);
             }
             if let Some(map) = self.counters.timewait.as_mut() {
@@ -122,6 +177,9 @@ impl Upkeep {
             present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
         }
         if let Some(map) = &self.counters.listen {
+            present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
+        }
+        if let Some(map) = &self.counters.handshakes {
             present.extend(map.keys().filter_map(Result::ok).map(|k| k.netns));
         }
         if let Some(map) = &self.counters.timewait {
@@ -159,7 +217,7 @@ impl<K: aya::Pod> Removable<K> for HashMap<MapData, K, u8> {
     }
 }
 
-impl<K: aya::Pod> Removable<K> for PerCpuHashMap<MapData, K, u64> {
+impl<K: aya::Pod, V: aya::Pod> Removable<K> for PerCpuHashMap<MapData, K, V> {
     fn keys_now(&self) -> Vec<K> {
         self.keys().filter_map(Result::ok).collect()
     }
