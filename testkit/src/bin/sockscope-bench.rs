@@ -6,15 +6,16 @@
 //! disturbs the host's network. Every load loop is bounded in count and in time.
 //!
 //! - `resets`: a bounded reset storm, N connects to a closed port on 127.0.0.1, each refused
-//!   by the kernel with an RST, timed in rounds alternating without and with the agent (ABAB,
+//!   by the kernel with an RST, timed in rounds alternating without and with the agent (ABBA,
 //!   so drift hits both alike). The probes run in the connecting thread, so their cost shows
 //!   as fewer connects/s: the ratio with/without of the medians is the figure (target ≥ 0.97).
 //!   Every with-agent round also checks that the agent counted each reset (its `no_socket`
 //!   delta = the namespace's `TcpOutRsts` delta = N). Then, with the agent still running and
 //!   its maps filled, /metrics latency over K scrapes, and the agent's RSS and CPU time.
 //! - `churn`: connection churn on loopback, each connection connect + accept + close, timed
-//!   in rounds ABAB without/with the agent (target ratio ≥ 0.97); every with-agent round checks
-//!   the agent's handshake count for the listener against `TcpPassiveOpens`.
+//!   in rounds ABBA without/with the agent (target ratio ≥ 0.97), each round against a new
+//!   listener; every with-agent round checks the agent's handshake count for the listener
+//!   against `TcpPassiveOpens`.
 //! - `synflood`: a paced SYN flood from spoofed sources over a veth lab, against a listener
 //!   with backlog 128 and `tcp_syncookies=1`, the agent scraped every 10 s meanwhile: its
 //!   counts must equal the kernel's (`TCPReqQFullDoCookies`, `ListenDrops`); its CPU over

@@ -1,7 +1,7 @@
 //! Section `churn`: connections opened and closed on loopback, without and with the agent.
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -29,15 +29,13 @@ impl Round {
     }
 }
 
-/// A namespace with a listener on 127.0.0.1 to churn against.
+/// A namespace to churn in, against a listener on 127.0.0.1.
 pub struct ChurnLab {
     pub ns: Netns,
-    pub listener: TcpListener,
-    pub addr: SocketAddr,
 }
 
 impl ChurnLab {
-    /// A fresh namespace and listener, sized for `total` connections over its life.
+    /// A fresh namespace, sized for `total` connections over its life.
     pub fn new(total: u64) -> Result<ChurnLab> {
         let ns = Netns::new()?;
         // The server closes first, so each connection leaves one TIME_WAIT socket on the
@@ -45,22 +43,33 @@ impl ChurnLab {
         // past the limit the kernel would skip TIME_WAIT, and later rounds would do less work.
         let buckets = total.saturating_add(total / 4).max(262_144);
         ns.sysctl("net.ipv4.tcp_max_tw_buckets", &buckets.to_string())?;
-        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
-        let addr = listener.local_addr()?;
-        Ok(ChurnLab { ns, listener, addr })
+        Ok(ChurnLab { ns })
     }
 
-    /// Up to `n` connections, each connect + accept + close (server first), stopping early
-    /// after `limit`. Timed on the namespace's thread (its creation and setns not counted).
+    /// A new listener for one round. Every round has its own port: a client port the
+    /// earlier rounds left in TIME_WAIT on the same server port would send its SYN to that
+    /// timewait socket instead of the listener, more work per connection with every round.
+    fn listener(&self) -> Result<TcpListener> {
+        Ok(self.ns.run(|| TcpListener::bind("127.0.0.1:0"))??)
+    }
+
+    /// Up to `n` connections against a new listener, each connect + accept + close (server
+    /// first), stopping early after `limit`.
     pub fn round(&self, n: u64, limit: Duration) -> Result<Round> {
+        self.round_on(&self.listener()?, n, limit)
+    }
+
+    /// [`ChurnLab::round`] on `listener`. Timed on the namespace's thread (its creation and
+    /// setns not counted).
+    fn round_on(&self, listener: &TcpListener, n: u64, limit: Duration) -> Result<Round> {
+        let addr = listener.local_addr()?;
         self.ns.run(|| -> Result<Round> {
             let start = Instant::now();
             let mut done = 0;
             while done < n {
-                let client = TcpStream::connect(self.addr)
-                    .with_context(|| format!("connect {} number {done}", self.addr))?;
-                let (server, peer) = self
-                    .listener
+                let client = TcpStream::connect(addr)
+                    .with_context(|| format!("connect {addr} number {done}"))?;
+                let (server, peer) = listener
                     .accept()
                     .with_context(|| format!("accept number {done}"))?;
                 if Some(peer) != client.local_addr().ok() {
@@ -80,10 +89,10 @@ impl ChurnLab {
         })?
     }
 
-    /// The agent's handshake count for our listener's port in our namespace.
-    pub fn handshakes(&self, m: &Metrics) -> f64 {
+    /// The agent's handshake count for `port` in our namespace.
+    fn handshakes(&self, m: &Metrics, port: u16) -> f64 {
         let netns = self.ns.inode().to_string();
-        let port = self.addr.port().to_string();
+        let port = port.to_string();
         m.sum(
             "sockscope_listen_handshakes_total",
             &[("netns", &netns), ("port", &port)],
@@ -93,13 +102,15 @@ impl ChurnLab {
     /// A round with the agent running, checked: the agent's handshake delta for the
     /// listener and the namespace's `TcpPassiveOpens` delta must both equal the connections.
     pub fn checked_round(&self, agent: &AgentProcess, n: u64, limit: Duration) -> Result<Checked> {
-        let agent0 = self.handshakes(&agent.scrape()?);
+        let listener = self.listener()?;
+        let port = listener.local_addr()?.port();
+        let agent0 = self.handshakes(&agent.scrape()?, port);
         let opens0 = self.ns.counters()?.get("TcpPassiveOpens")?;
         let cpu0 = cpu_time(agent.pid())?;
-        let round = self.round(n, limit)?;
+        let round = self.round_on(&listener, n, limit)?;
         let cpu = cpu_time(agent.pid())?.saturating_sub(cpu0);
         let opens = self.ns.counters()?.get("TcpPassiveOpens")? - opens0;
-        let counted = (self.handshakes(&agent.scrape()?) - agent0).max(0.0) as u64;
+        let counted = (self.handshakes(&agent.scrape()?, port) - agent0).max(0.0) as u64;
         Ok(Checked {
             round,
             counted,
@@ -143,17 +154,27 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     lab.round(n.min(WARMUP), limit).context("warm-up churn")?;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
-    for _ in 0..args.rounds {
-        foreign.extend(foreign_agents(None));
-        without.push(lab.round(n, limit)?);
-        // Stopped again at the end of the iteration: the next "without" round has no probes.
-        let agent = AgentProcess::start(&lab.ns, &args.agent, &[], AGENT_LISTEN)?;
-        with.push(lab.checked_round(&agent, n, limit)?);
-        foreign.extend(foreign_agents(Some(agent.pid())));
+    for i in 0..args.rounds {
+        // ABBA: drift over the run (the namespace's timewait table grows) hits both alike.
+        let agent_first = i % 2 == 1;
+        if !agent_first {
+            foreign.extend(foreign_agents(None));
+            without.push(lab.round(n, limit)?);
+        }
+        {
+            // Stopped at the end of this block: a "without" round has no probes.
+            let agent = AgentProcess::start(&lab.ns, &args.agent, &[], AGENT_LISTEN)?;
+            with.push(lab.checked_round(&agent, n, limit)?);
+            foreign.extend(foreign_agents(Some(agent.pid())));
+        }
+        if agent_first {
+            foreign.extend(foreign_agents(None));
+            without.push(lab.round(n, limit)?);
+        }
     }
 
     println!(
-        "== churn: {n} connections (connect + accept + close) on loopback, {} rounds each, ABAB ==",
+        "== churn: {n} connections (connect + accept + close) on loopback, {} rounds each, ABBA ==",
         args.rounds
     );
     let rates_without = Rates(without.iter().map(Round::rate).collect());

@@ -49,14 +49,31 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     let mut kept = None;
-    for _ in 0..args.rounds {
+    for i in 0..args.rounds {
+        // ABBA: drift over the run hits both alike.
+        let agent_first = i % 2 == 1;
         // Stop the last round's agent first: its probes are global.
         drop(kept.take());
-        foreign.extend(foreign_agents(None));
-        without.push(storm(&ns, args.connects, limit)?);
+        if !agent_first {
+            foreign.extend(foreign_agents(None));
+            without.push(storm(&ns, args.connects, limit)?);
+        }
         let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
         with.push(with_round(&ns, &agent, args.connects, limit)?);
         foreign.extend(foreign_agents(Some(agent.pid())));
+        if agent_first {
+            drop(agent);
+            foreign.extend(foreign_agents(None));
+            without.push(storm(&ns, args.connects, limit)?);
+        } else {
+            kept = Some(agent);
+        }
+    }
+    if kept.is_none() {
+        // The last round ended without the agent: one for the scrapes, its maps filled by
+        // an untimed storm.
+        let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
+        storm(&ns, args.connects.min(WARMUP), limit).context("storm before the scrapes")?;
         kept = Some(agent);
     }
     // The last agent stays up, its maps filled, for the scrapes.
@@ -90,7 +107,7 @@ fn print_storm(
     foreign: &BTreeSet<u32>,
 ) -> Vec<String> {
     println!(
-        "== reset storm: {} connects to a closed port, {} rounds each ==",
+        "== reset storm: {} connects to a closed port, {} rounds each, ABBA ==",
         args.connects, args.rounds
     );
     let rates_without: Vec<f64> = without.iter().map(Round::rate).collect();
