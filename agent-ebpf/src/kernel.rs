@@ -63,6 +63,24 @@ static WATCH_ANY: u32 = 0;
 #[map]
 static WATCH_PORTS: Array<u64> = Array::with_max_entries(WATCH_PORT_WORDS, 0);
 
+/// One word per CPU through which [`as_number`] passes kernel addresses.
+#[map]
+static ADDRESS_SLOT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A kernel address the verifier knows as a typed pointer, as a plain number (to index
+/// into, or to keep): stored in a per-CPU map slot and read back, which the verifier
+/// allows programs loaded with `CAP_PERFMON` (the agent's right to read kernel memory).
+/// Cheaper than reading it back from the stack through `bpf_probe_read_kernel`.
+#[inline(always)]
+pub fn as_number(address: u64) -> Option<u64> {
+    let slot = ADDRESS_SLOT.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of the array map.
+    unsafe {
+        core::ptr::write_volatile(slot, address);
+        Some(core::ptr::read_volatile(slot))
+    }
+}
+
 /// In-kernel map updates that failed, per map (`agent_common::map_error`).
 #[map]
 static MAP_ERRORS: PerCpuArray<u64> =

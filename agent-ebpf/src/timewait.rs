@@ -12,14 +12,10 @@
 
 use agent_common::{TimeWaitKey, map_error, tw_class};
 use aya_ebpf::{
-    EbpfContext,
-    cty::c_void,
-    helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
-    macros::map,
-    maps::PerCpuHashMap,
+    EbpfContext, cty::c_void, helpers::bpf_skc_to_tcp_sock, macros::map, maps::PerCpuHashMap,
 };
 
-use crate::kernel::{AF_INET6, SkCommon, increment, kread, layout, load, port_label};
+use crate::kernel::{AF_INET6, SkCommon, as_number, increment, kread, layout, load, port_label};
 
 /// TIME_WAIT entries per namespace and local-port label.
 #[map]
@@ -111,8 +107,8 @@ pub fn closed_typed<C: EbpfContext>(ctx: &C, sk: *const u8) -> Option<()> {
         // skc_num is already 0 here when the port was released: inet_sport survives.
         sport: u16::from_be(load(tp, layout(|l| &l.inet_sport))),
         // The bucket is indexed by a run-time value, which the verifier allows only on a
-        // plain number: read the address back through the helper.
-        ehash: scalar(ehash)?,
+        // plain number.
+        ehash: as_number(ehash)?,
         mask: load(hashinfo, layout(|l| &l.hashinfo_ehash_mask)),
     };
     let range = if layout(|l| &l.net_port_range_ints) != 0 {
@@ -123,14 +119,6 @@ pub fn closed_typed<C: EbpfContext>(ctx: &C, sk: *const u8) -> Option<()> {
         (range & 0xffff, range >> 16)
     };
     count_if_handed_over(ctx, sk as u64, &closing, || range)
-}
-
-/// A kernel address as a plain number for the verifier (read back from our own stack).
-#[inline(always)]
-fn scalar(value: u64) -> Option<u64> {
-    let slot = value;
-    // SAFETY: reads 8 bytes of our own stack.
-    unsafe { bpf_probe_read_kernel(&slot as *const u64).ok() }
 }
 
 /// The namespace's `ip_local_port_range`, through the helper.
