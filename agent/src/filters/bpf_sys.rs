@@ -1,6 +1,8 @@
 //! The few bpf(2) commands the translated named filters need: a per-CPU array of
 //! `{packets, bytes}` per filter, loading a socket filter from instructions built at run
-//! time (aya loads programs from object files only), and reading the counters.
+//! time (aya loads programs from object files only), reading the counters, and the
+//! one-slot program array through which the filters' program hands each packet on to the
+//! classifier (a tail call).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -8,9 +10,11 @@ use super::translate::Insn;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 #[cfg(test)]
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
 /// `SO_ATTACH_BPF`.
@@ -90,6 +94,41 @@ impl CountMap {
         Ok(values
             .chunks(2)
             .fold((0, 0), |(p, b), v| (p + v[0], b + v[1])))
+    }
+}
+
+/// A program array of one slot: the program a tail call through it continues with.
+pub struct ProgArray {
+    fd: OwnedFd,
+}
+
+impl ProgArray {
+    /// An empty array: a tail call through it falls through.
+    pub fn create() -> std::io::Result<Self> {
+        let rc = Attr::new()
+            .u32(0, BPF_MAP_TYPE_PROG_ARRAY)
+            .u32(4, 4)
+            .u32(8, 4)
+            .u32(12, 1)
+            .call(BPF_MAP_CREATE)?;
+        Ok(Self { fd: owned(rc) })
+    }
+
+    /// The map's descriptor, for the programs' map references.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Puts `prog` in the slot.
+    pub fn set(&self, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        let key = 0u32;
+        let value: u32 = prog.as_raw_fd() as u32;
+        Attr::new()
+            .u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, &key as *const u32 as u64)
+            .u64(16, &value as *const u32 as u64)
+            .call(BPF_MAP_UPDATE_ELEM)?;
+        Ok(())
     }
 }
 

@@ -100,6 +100,8 @@ const FP: u8 = 10;
 
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_SKB_LOAD_BYTES: i32 = 26;
+const HELPER_TAIL_CALL: i32 = 12;
+const PACKET_OUTGOING: i32 = 4;
 const PSEUDO_MAP_FD: u8 = 1;
 
 /// Stack: M[0..16] at fp-64.., the load buffer at fp-72, the map key at fp-80.
@@ -150,6 +152,8 @@ struct Emitter {
     fixups: Vec<(usize, Target)>,
     /// The program being emitted.
     program: usize,
+    /// A local jump whose target lies beyond an offset's reach.
+    too_far: Option<usize>,
 }
 
 impl Emitter {
@@ -267,7 +271,10 @@ impl Emitter {
 
     /// Points the local jump at `at` to the next instruction.
     fn land(&mut self, at: usize) {
-        self.out[at].off = (self.out.len() - at - 1) as i16;
+        match i16::try_from(self.out.len() - at - 1) {
+            Ok(off) => self.out[at].off = off,
+            Err(_) => self.too_far = Some(at),
+        }
     }
 
     fn load_skb(&mut self, dst: u8, field: i16) {
@@ -282,22 +289,42 @@ pub fn translate(
     map_fd: i32,
     index: u32,
 ) -> Result<Vec<Insn>, Untranslatable> {
-    translate_many(&[(classic, index)], map_fd)
+    translate_many(&[(classic, index)], map_fd, None)
+}
+
+/// How the filters' program ends on an interface whose packet socket it shares with the
+/// built-in classifier.
+#[derive(Clone, Copy, Debug)]
+pub struct Handover {
+    /// The program array ([`super::bpf_sys::ProgArray`]) whose slot the program tail-calls
+    /// after the filters: the classifier, when it watches the interface (empty, the call
+    /// falls through).
+    pub chain_fd: i32,
+    /// A loopback interface: the outgoing copy of each packet skips the filters (tcpdump
+    /// counts one copy) and still goes on to the classifier (which counts both).
+    pub loopback: bool,
 }
 
 /// Translates several classic programs into one eBPF socket filter that runs each in turn,
 /// each counting what it accepts into its own slot: one packet tap for all the filters of an
-/// interface instead of one each.
+/// interface instead of one each; with `handover`, the program then tail-calls the
+/// classifier, so that one tap serves both.
 pub fn translate_many(
     programs: &[(&[libc::sock_filter], u32)],
     map_fd: i32,
+    handover: Option<Handover>,
 ) -> Result<Vec<Insn>, Untranslatable> {
     let mut e = Emitter {
         out: Vec::new(),
         fixups: Vec::new(),
         program: 0,
+        too_far: None,
     };
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R6, R1, 0, 0));
+    let skip_outgoing = handover.filter(|h| h.loopback).map(|_| {
+        e.load_skb(R1, SKB_PKT_TYPE);
+        e.local_jump(insn(E_JMP | E_JEQ, R1, 0, 0, PACKET_OUTGOING))
+    });
     // Read the head of the packet once: R9 = min(len, HEAD_BYTES) bytes at HEAD (zeroed
     // first, so the verifier knows it initialized); R9 = 0 if that fails.
     for slot in 0..(HEAD_BYTES as i16 / 8) {
@@ -334,6 +361,22 @@ pub fn translate_many(
         ends.push(e.out.len() - 1);
     }
     let exit_at = e.out.len();
+    if let Some(at) = skip_outgoing {
+        e.land(at);
+    }
+    if let Some(h) = handover {
+        e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R1, R6, 0, 0));
+        e.push(insn(
+            E_LD | E_IMM | E_SZ_DW,
+            R2,
+            PSEUDO_MAP_FD,
+            0,
+            h.chain_fd,
+        ));
+        e.push(insn(0, 0, 0, 0, 0));
+        e.push(insn(E_ALU64 | E_MOV, R3, 0, 0, 0));
+        e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_TAIL_CALL));
+    }
     e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
     e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
     let too_far = |at: usize| Untranslatable {
@@ -349,6 +392,9 @@ pub fn translate_many(
             .and_then(|s| s.first().copied())
             .unwrap_or(exit_at);
         e.out[*at].off = i16::try_from(to as i64 - *at as i64 - 1).map_err(|_| too_far(*at))?;
+    }
+    if let Some(at) = e.too_far {
+        return Err(too_far(at));
     }
     for (at, target) in std::mem::take(&mut e.fixups) {
         let to = match target {
@@ -559,7 +605,7 @@ mod tests {
             f(RET | K, 0, 0, 262_144),
             f(RET | K, 0, 0, 0),
         ];
-        let out = translate_many(&[(&classic, 0), (&classic, 1)], 3).expect("translates");
+        let out = translate_many(&[(&classic, 0), (&classic, 1)], 3, None).expect("translates");
         let exits = out.iter().filter(|i| i.code == E_JMP | E_EXIT).count();
         assert_eq!(exits, 1, "both programs go on to one exit");
         let slots: Vec<i32> = out
@@ -633,7 +679,7 @@ mod tests {
             .enumerate()
             .map(|(i, c)| (c.program.as_slice(), i as u32))
             .collect();
-        let insns = translate_many(&list, map.raw_fd()).expect("translates");
+        let insns = translate_many(&list, map.raw_fd(), None).expect("translates");
         let prog = crate::filters::bpf_sys::load_socket_filter(&insns, "sockscope_test")
             .unwrap_or_else(|e| panic!("the verifier refuses the translation: {e}"));
         let mut before: Vec<u64> = (0..cases.len())
