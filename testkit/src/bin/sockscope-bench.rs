@@ -31,9 +31,11 @@
 //! - `web`: /metrics latency and size over plain HTTP, gzip, TLS and TLS with basic auth
 //!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
 //! - `filters`: a bounded UDP stream over a veth pair without the agent, with its built-in
-//!   TCP segment classifier (`--iface`) and with ten count-only named filters (target ratio
-//!   ≥ 0.95; each round checks one filter's count); then `sockscope capture` and tcpdump on
-//!   the same stream: packets captured, dropped, CPU time.
+//!   TCP segment classifier (`--iface`) and with ten count-only named filters, in rounds
+//!   A B C C B A (target ratio ≥ 0.95; each stream with filters checks one filter's count,
+//!   each series that the receiver dropped nothing); 64-byte datagrams, then a labelled
+//!   second series of full-MTU ones; then `sockscope capture` and tcpdump on the same
+//!   stream: packets captured, dropped, CPU time.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
