@@ -110,7 +110,7 @@ pub struct Args {
     /// Never install missing peers (node_exporter, bpftrace) with apt-get
     #[arg(long)]
     no_install: bool,
-    /// UDP datagrams per round of the `filters` section
+    /// UDP datagrams per stream of the `filters` section (a quarter of it for full-MTU ones)
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     filter_packets: u64,
     /// Run only these sections, comma-separated (default: every section)
