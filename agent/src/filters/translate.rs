@@ -361,6 +361,25 @@ pub fn translate_many(
         ends.push(e.out.len() - 1);
     }
     let exit_at = e.out.len();
+    let mut not_tcp = Vec::new();
+    if handover.is_some() {
+        // Only what the classifier could count goes on to it: an untagged IPv4 or IPv6
+        // packet whose protocol is not TCP is one it counts nothing of (anything else, a
+        // VLAN-tagged frame or one too short to tell, goes on).
+        let short = e.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, 24));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R1, FP, HEAD + 12, 0));
+        e.push(insn(E_ALU | E_LSH, R1, 0, 0, 8));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 13, 0));
+        e.push(insn(E_ALU | E_OR | E_SRC_X, R1, R2, 0, 0));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 23, 0));
+        let ipv4 = e.local_jump(insn(E_JMP | E_JEQ, R1, 0, 0, 0x0800));
+        let other = e.local_jump(insn(E_JMP | E_JNE, R1, 0, 0, 0x86dd));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 20, 0));
+        e.land(ipv4);
+        not_tcp.push(e.local_jump(insn(E_JMP | E_JNE, R2, 0, 0, 6)));
+        e.land(short);
+        e.land(other);
+    }
     if let Some(at) = skip_outgoing {
         e.land(at);
     }
@@ -376,6 +395,9 @@ pub fn translate_many(
         e.push(insn(0, 0, 0, 0, 0));
         e.push(insn(E_ALU64 | E_MOV, R3, 0, 0, 0));
         e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_TAIL_CALL));
+    }
+    for at in not_tcp {
+        e.land(at);
     }
     e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
     e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
