@@ -14,9 +14,10 @@
 //! statistics resets them: they are added up here, under a lock, at every scrape and every
 //! few seconds (the kernel's counter is 32 bits wide).
 //!
-//! On a loopback interface `PACKET_IGNORE_OUTGOING` leaves the outgoing copy of each packet
-//! out, as libpcap does, so the count equals tcpdump's. The interfaces are those of the
-//! agent's own network namespace.
+//! On a loopback interface the outgoing copy of each packet is left out, as libpcap does, so
+//! the count equals tcpdump's: by `PACKET_IGNORE_OUTGOING` on a filter's own socket, by the
+//! combined program itself on the shared one ([`super::taps`]). The interfaces are those of
+//! the agent's own network namespace.
 
 use std::{
     collections::BTreeMap,
