@@ -5,7 +5,7 @@
 //!
 //! Register use: R6 the context, R7 the accumulator A, R8 the index register X, R9 how many
 //! bytes of the packet's head were read ahead; classic scratch memory M[0..16] lives on the
-//! stack (zeroed first, as the verifier wants). The first [`HEAD_BYTES`] bytes of the packet
+//! stack (zeroed first, as the verifier wants). The first `HEAD_BYTES` (128) bytes of the packet
 //! are read once with `bpf_skb_load_bytes`; every load (`ld [k]`, `ld [x + k]`, `ldxb
 //! 4*([k]&0xf)`) that falls within them is served from the stack, the one at `x + k` with a
 //! variable stack offset bounded first (privileged programs only); the others call the helper
