@@ -5,12 +5,12 @@
 //!
 //! Register use: R6 the context, R7 the accumulator A, R8 the index register X, R9 how many
 //! bytes of the packet's head were read ahead; classic scratch memory M[0..16] lives on the
-//! stack (zeroed first, as the verifier wants). The first `HEAD_BYTES` (128) bytes of the packet
-//! are read once with `bpf_skb_load_bytes`; every load (`ld [k]`, `ld [x + k]`, `ldxb
-//! 4*([k]&0xf)`) that falls within them is served from the stack, the one at `x + k` with a
-//! variable stack offset bounded first (privileged programs only); the others call the helper
-//! (out of bounds: the classic program's "return 0"). 32-bit ALU and JMP32 keep the classic
-//! program's unsigned 32-bit arithmetic.
+//! stack (zeroed first, as the verifier wants). The first `HEAD_BYTES` (128) bytes of the
+//! packet are read once with `bpf_skb_load_bytes`; every load (`ld [k]`, `ld [x + k]`,
+//! `ldxb 4*([k]&0xf)`) that falls within them is served from the stack, the one at `x + k`
+//! with a variable stack offset bounded first (privileged programs only); the others call
+//! the helper (out of bounds: the classic program's "return 0"). 32-bit ALU and JMP32 keep
+//! the classic program's unsigned 32-bit arithmetic.
 //! Supported ancillary loads: protocol, pkttype, ifindex and the VLAN ones libpcap uses on
 //! Linux; anything else is refused and the filter keeps counting packets only.
 
