@@ -387,13 +387,22 @@ impl NamedFilters {
                         .enumerate()
                         .map(|(i, p)| (p.insns.as_slice(), i as u32))
                         .collect();
-                    taps.handover(iface)
-                        .map_err(|e| format!("no program array: {e}"))
-                        .and_then(|handover| {
-                            translate::translate_many(&list, map.raw_fd(), Some(handover))
+                    let load = |variable_stack: bool| {
+                        taps.handover(iface)
+                            .map_err(|e| format!("no program array: {e}"))
+                            .and_then(|handover| {
+                                translate::translate_many_with(
+                                    &list,
+                                    map.raw_fd(),
+                                    Some(handover),
+                                    variable_stack,
+                                )
                                 .map_err(|e| e.to_string())
-                        })
-                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                            })
+                            .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                    };
+                    // An older kernel refuses the variable stack offsets: without them.
+                    load(true).or_else(|_| load(false))
                 };
                 match loaded {
                     Ok(fd) => {
@@ -429,9 +438,14 @@ impl NamedFilters {
             {
                 let translated = map.as_ref().and_then(|map| {
                     let slot = slots + index as u32;
-                    let loaded = translate::translate(&program.insns, map.raw_fd(), slot)
-                        .map_err(|e| e.to_string())
-                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"));
+                    let load = |variable_stack: bool| {
+                        let list = [(program.insns.as_slice(), slot)];
+                        translate::translate_many_with(&list, map.raw_fd(), None, variable_stack)
+                            .map_err(|e| e.to_string())
+                            .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                    };
+                    // An older kernel refuses the variable stack offsets: without them.
+                    let loaded = load(true).or_else(|_| load(false));
                     match loaded {
                         Ok(fd) => Some(fd),
                         Err(e) => {

@@ -154,6 +154,8 @@ struct Emitter {
     program: usize,
     /// A local jump whose target lies beyond an offset's reach.
     too_far: Option<usize>,
+    /// `ld [x + k]` may read the head at a variable stack offset.
+    variable_stack: bool,
 }
 
 impl Emitter {
@@ -209,6 +211,10 @@ impl Emitter {
     fn load_indirect(&mut self, k: i32, size: u8) {
         self.push(insn(E_ALU | E_MOV | E_SRC_X, R2, RX, 0, 0));
         self.push(insn(E_ALU | E_ADD, R2, 0, 0, k));
+        if !self.variable_stack {
+            self.load_packet(size);
+            return;
+        }
         // Unsigned: the bound the verifier sees on the stack offset below. A sum past the
         // buffer, or one the helper would take as negative, goes to the helper.
         let past_buffer =
@@ -314,11 +320,23 @@ pub fn translate_many(
     map_fd: i32,
     handover: Option<Handover>,
 ) -> Result<Vec<Insn>, Untranslatable> {
+    translate_many_with(programs, map_fd, handover, true)
+}
+
+/// [`translate_many`]; with `variable_stack` false, `ld [x + k]` always calls the helper:
+/// kernels before 5.12 refuse a stack read at a variable offset.
+pub fn translate_many_with(
+    programs: &[(&[libc::sock_filter], u32)],
+    map_fd: i32,
+    handover: Option<Handover>,
+    variable_stack: bool,
+) -> Result<Vec<Insn>, Untranslatable> {
     let mut e = Emitter {
         out: Vec::new(),
         fixups: Vec::new(),
         program: 0,
         too_far: None,
+        variable_stack,
     };
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R6, R1, 0, 0));
     let skip_outgoing = handover.filter(|h| h.loopback).map(|_| {
@@ -692,8 +710,15 @@ mod tests {
 
     /// Runs every case's translation, all in one program, on payloads of each length in
     /// `lens`, through the kernel (`BPF_PROG_TEST_RUN`): each must count exactly the
-    /// payloads its classic program accepts.
+    /// payloads its classic program accepts. Both ways: `ld [x + k]` from the head at a
+    /// variable stack offset, and through the helper (for kernels before 5.12).
     fn run_cases(cases: &[Case], lens: &[usize]) {
+        for variable_stack in [true, false] {
+            run_cases_with(cases, lens, variable_stack);
+        }
+    }
+
+    fn run_cases_with(cases: &[Case], lens: &[usize], variable_stack: bool) {
         let map = crate::filters::bpf_sys::CountMap::create(cases.len() as u32)
             .expect("creating the counter map");
         let list: Vec<(&[libc::sock_filter], u32)> = cases
@@ -701,7 +726,8 @@ mod tests {
             .enumerate()
             .map(|(i, c)| (c.program.as_slice(), i as u32))
             .collect();
-        let insns = translate_many(&list, map.raw_fd(), None).expect("translates");
+        let insns =
+            translate_many_with(&list, map.raw_fd(), None, variable_stack).expect("translates");
         let prog = crate::filters::bpf_sys::load_socket_filter(&insns, "sockscope_test")
             .unwrap_or_else(|e| panic!("the verifier refuses the translation: {e}"));
         let mut before: Vec<u64> = (0..cases.len())
@@ -724,7 +750,11 @@ mod tests {
                 }
             }
         }
-        assert!(wrong.is_empty(), "{} wrong: {wrong:#?}", wrong.len());
+        assert!(
+            wrong.is_empty(),
+            "variable stack {variable_stack}: {} wrong: {wrong:#?}",
+            wrong.len()
+        );
     }
 
     fn load_code(size: u8) -> u16 {
