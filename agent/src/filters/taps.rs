@@ -278,15 +278,4 @@ impl Taps {
         }
         Ok(watched)
     }
-
-    /// The packet sockets open now: one per interface watched, unless the kernel refused
-    /// to chain the classifier.
-    pub fn count(&self) -> usize {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
-            .taps
-            .values()
-            .map(|t| usize::from(t.socket.is_some()) + usize::from(t.classifier_alone.is_some()))
-            .sum()
-    }
 }
