@@ -1,9 +1,13 @@
 //! The built-in socket filter: classifies the TCP segments an interface sends and receives
 //! into `TCP_SEGMENTS` and returns 0, so no packet is ever queued to its packet socket.
-//! Link layer: Ethernet (also `lo`), with at most one VLAN tag left in the frame.
+//! Link layer: Ethernet (also `lo`), with at most one VLAN tag left in the frame. The head of
+//! the packet is read once, with one helper call, and parsed from the stack.
+
+use core::mem::MaybeUninit;
 
 use agent_common::{PORT_OTHER, SegmentKey, map_error, segment};
 use aya_ebpf::{
+    helpers::bpf_skb_load_bytes,
     macros::{map, socket_filter},
     maps::{Array, PerCpuHashMap},
     programs::SkBuffContext,
@@ -33,41 +37,67 @@ pub fn tcp_segments(ctx: SkBuffContext) -> i64 {
     0
 }
 
-fn be16(ctx: &SkBuffContext, offset: usize) -> Option<u16> {
-    ctx.load::<u16>(offset).ok().map(u16::from_be)
+/// How much of the packet head is read at once: the TCP flags of a VLAN-tagged IPv4 packet
+/// with the longest options end at byte 92 (18 + 60 + 14).
+const HEAD: usize = 96;
+
+/// Reads the first `min(len, HEAD)` bytes of the packet into `buf` with one helper call and
+/// returns them; `None` when the packet is too short to hold TCP.
+#[inline(always)]
+fn read_head<'a>(ctx: &SkBuffContext, buf: &'a mut MaybeUninit<[u8; HEAD]>) -> Option<&'a [u8]> {
+    let len = (ctx.len() as usize).min(HEAD);
+    // The helper wants a length of at least one byte; a shorter packet holds no TCP.
+    if len < 14 {
+        return None;
+    }
+    // SAFETY: `len` bytes fit in the buffer; the helper checks the packet's bounds.
+    let rc =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, buf.as_mut_ptr().cast(), len as u32) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the helper wrote the first `len` bytes.
+    Some(unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) })
+}
+
+#[inline(always)]
+fn be16(head: &[u8], offset: usize) -> Option<u16> {
+    Some(u16::from(*head.get(offset)?) << 8 | u16::from(*head.get(offset + 1)?))
 }
 
 #[inline(always)]
 fn classify(ctx: &SkBuffContext) -> Option<()> {
+    let mut buf = MaybeUninit::uninit();
+    let head = read_head(ctx, &mut buf)?;
     let mut l3 = 14usize;
-    let mut proto = be16(ctx, 12)?;
+    let mut proto = be16(head, 12)?;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16(ctx, 16)?;
+        proto = be16(head, 16)?;
         l3 = 18;
     }
     let l4 = match proto {
         ETH_P_IP => {
-            let version_ihl: u8 = ctx.load(l3).ok()?;
-            if version_ihl >> 4 != 4 || ctx.load::<u8>(l3 + 9).ok()? != IPPROTO_TCP {
+            let version_ihl = *head.get(l3)?;
+            if version_ihl >> 4 != 4 || *head.get(l3 + 9)? != IPPROTO_TCP {
                 return None;
             }
             // Later fragments carry no TCP header.
-            if be16(ctx, l3 + 6)? & 0x1fff != 0 {
+            if be16(head, l3 + 6)? & 0x1fff != 0 {
                 return None;
             }
             l3 + usize::from(version_ihl & 0x0f) * 4
         }
         ETH_P_IPV6 => {
-            if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_TCP {
+            if *head.get(l3 + 6)? != IPPROTO_TCP {
                 return None;
             }
             l3 + 40
         }
         _ => return None,
     };
-    let source = be16(ctx, l4)?;
-    let dest = be16(ctx, l4 + 2)?;
-    let tcp_flags: u8 = ctx.load(l4 + 13).ok()?;
+    let source = be16(head, l4)?;
+    let dest = be16(head, l4 + 2)?;
+    let tcp_flags = *head.get(l4 + 13)?;
     let flags = if tcp_flags & 0x04 != 0 {
         segment::FLAGS_RST
     } else if tcp_flags & 0x02 != 0 {

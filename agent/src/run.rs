@@ -226,7 +226,14 @@ async fn serve(
             }
         }
         if !args.filters.ifaces.is_empty() {
-            match crate::filters::segments::start(probes, &args.filters.ifaces, args.series_limit) {
+            // The named filters' packet sockets, which the classifier shares.
+            let taps = filters.as_ref().map_or_else(Default::default, |f| f.taps());
+            match crate::filters::segments::start(
+                probes,
+                &args.filters.ifaces,
+                args.series_limit,
+                taps,
+            ) {
                 Ok(segments) => sources.push(Box::new(segments)),
                 Err(e) => tracing::warn!(
                     "the built-in socket filter is unavailable: {e:#}; sockscope_tcp_segments_total is absent"

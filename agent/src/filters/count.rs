@@ -1,10 +1,12 @@
 //! Named filters counted in the kernel: `--filter NAME=EXPR` on each `--iface`.
 //!
 //! Each filter is compiled by libpcap on a live handle of each interface. Normally all the
-//! filters of an interface run as one eBPF program ([`translate::translate_many`]) on one
-//! packet socket: each counts the packets its classic program accepts, and their bytes, in
-//! its slot of a per-CPU array ([`CountMap`]), and the program returns 0, so nothing is
-//! queued. Where that fails, each filter gets a socket of its own, translated alone or, if
+//! filters of an interface run as one eBPF program ([`translate::translate_many`]) on the
+//! interface's one packet socket, which it shares with the built-in classifier
+//! ([`super::taps`]): each counts the packets its classic program accepts, and their bytes,
+//! in its slot of a per-CPU array ([`CountMap`]), the program then hands the packet on to
+//! the classifier, and returns 0, so nothing is queued. Where that fails, each filter gets
+//! a socket of its own, translated alone (counting in a second run of slots) or, if
 //! it cannot be translated (or with `--filter.mode classic`), carrying the classic program
 //! itself: such a socket is never read and its receive buffer is as small as the kernel
 //! allows, so matching packets are counted by the kernel (`PACKET_STATISTICS`: `tp_packets`
@@ -12,9 +14,10 @@
 //! statistics resets them: they are added up here, under a lock, at every scrape and every
 //! few seconds (the kernel's counter is 32 bits wide).
 //!
-//! On a loopback interface `PACKET_IGNORE_OUTGOING` leaves the outgoing copy of each packet
-//! out, as libpcap does, so the count equals tcpdump's. The interfaces are those of the
-//! agent's own network namespace.
+//! On a loopback interface the outgoing copy of each packet is left out, as libpcap does, so
+//! the count equals tcpdump's: by `PACKET_IGNORE_OUTGOING` on a filter's own socket, by the
+//! combined program itself on the shared one ([`super::taps`]). The interfaces are those of
+//! the agent's own network namespace.
 
 use std::{
     collections::BTreeMap,
@@ -74,20 +77,41 @@ impl std::str::FromStr for FilterSpec {
     }
 }
 
-const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// `PACKET_IGNORE_OUTGOING`.
+pub(super) const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
 /// One never-read packet socket with a classic BPF program, on one interface.
 pub struct CountingSocket {
     fd: OwnedFd,
-    iface: String,
-    ifindex: u32,
+    presence: Presence,
     total: u64,
-    gone: bool,
     /// Counts in the [`CountMap`] (a translated program) rather than in its statistics.
     in_map: bool,
 }
 
-fn setsockopt<T>(
+/// An interface watched, known by its index: says once when it has gone.
+struct Presence {
+    iface: String,
+    ifindex: u32,
+    gone: bool,
+}
+
+impl Presence {
+    fn check(&mut self) {
+        let present = nix::net::if_::if_nametoindex(self.iface.as_str()) == Ok(self.ifindex);
+        if !present && !self.gone {
+            tracing::warn!(
+                iface = %self.iface,
+                "interface `{}` has gone: its filters count nothing more until the agent restarts",
+                self.iface
+            );
+        }
+        self.gone = !present;
+    }
+}
+
+/// `setsockopt(2)` with a value of type `T`.
+pub(super) fn setsockopt<T>(
     fd: &OwnedFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -199,10 +223,12 @@ impl CountingSocket {
         })?;
         Ok(Self {
             fd,
-            iface: iface.to_string(),
-            ifindex,
+            presence: Presence {
+                iface: iface.to_string(),
+                ifindex,
+                gone: false,
+            },
             total: 0,
-            gone: false,
             in_map: translated.is_some(),
         })
     }
@@ -211,7 +237,7 @@ impl CountingSocket {
     /// total.
     pub fn poll(&mut self) -> u64 {
         if self.in_map {
-            self.check_interface();
+            self.presence.check();
             return 0;
         }
         let mut stats = libc::tpacket_stats {
@@ -232,21 +258,8 @@ impl CountingSocket {
         if rc == 0 {
             self.total += u64::from(stats.tp_packets);
         }
-        self.check_interface();
+        self.presence.check();
         self.total
-    }
-
-    /// Says once when the interface has gone: the socket then counts nothing more.
-    fn check_interface(&mut self) {
-        let present = nix::net::if_::if_nametoindex(self.iface.as_str()) == Ok(self.ifindex);
-        if !present && !self.gone {
-            tracing::warn!(
-                iface = %self.iface,
-                "interface `{}` has gone: its filters count nothing more until the agent restarts",
-                self.iface
-            );
-        }
-        self.gone = !present;
     }
 }
 
@@ -266,8 +279,10 @@ pub struct NamedFilters {
     /// Set when these filters are replaced: their polling thread ends and lets them go.
     retired: Arc<std::sync::atomic::AtomicBool>,
     filters: Arc<Mutex<Vec<NamedFilter>>>,
-    /// One socket per interface running every filter's translation in one program.
-    combined: Arc<Mutex<Vec<CountingSocket>>>,
+    /// Per interface, the program running every filter's translation, for its tap.
+    combined: Arc<Vec<(String, Arc<OwnedFd>)>>,
+    /// The interfaces of `combined`.
+    presence: Arc<Mutex<Vec<Presence>>>,
     map: Option<Arc<CountMap>>,
 }
 
@@ -280,6 +295,10 @@ pub struct Totals {
     pub packets: u64,
     /// Their bytes, when every socket of the filter runs the translated program.
     pub bytes: Option<u64>,
+    /// The part of `packets` and `bytes` counted on the filter's own sockets: a reload
+    /// opens the new ones before the old ones close, so both count the packets between.
+    /// (The combined programs take over from each other on one socket in one step.)
+    pub own: (u64, u64),
 }
 
 /// Why the named filters could not start.
@@ -300,6 +319,7 @@ impl NamedFilters {
         specs: &[FilterSpec],
         ifaces: &[String],
         mode: super::FilterMode,
+        taps: &super::taps::Taps,
     ) -> Result<Self, StartError> {
         if ifaces.is_empty() {
             return Err(StartError::Usage(
@@ -321,7 +341,10 @@ impl NamedFilters {
             compile::compile_dead(pcap::Linktype::ETHERNET, &spec.expr)
                 .map_err(|e| usage(&spec.name, e))?;
         }
-        let map = match CountMap::create(specs.len() as u32) {
+        // Slot i: filter i in the interfaces' combined programs; slot n + i: filter i on
+        // its own sockets, translated alone.
+        let slots = specs.len() as u32;
+        let map = match CountMap::create(2 * slots) {
             _ if mode == super::FilterMode::Classic => None,
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
@@ -340,6 +363,7 @@ impl NamedFilters {
             })
             .collect();
         let mut combined = Vec::new();
+        let mut presence = Vec::new();
         for iface in ifaces {
             let handle = match compile::open_live_for_compile(iface) {
                 Ok(h) => h,
@@ -355,7 +379,7 @@ impl NamedFilters {
                 program.check_size(&spec.name).map_err(StartError::Usage)?;
                 programs.push(program);
             }
-            // All the filters in one program, one packet tap: the cheap way.
+            // All the filters in one program, on the interface's one tap: the cheap way.
             if let Some(map) = map.as_ref().filter(|_| !programs.is_empty()) {
                 let loaded = {
                     let list: Vec<(&[libc::sock_filter], u32)> = programs
@@ -363,16 +387,34 @@ impl NamedFilters {
                         .enumerate()
                         .map(|(i, p)| (p.insns.as_slice(), i as u32))
                         .collect();
-                    translate::translate_many(&list, map.raw_fd())
-                        .map_err(|e| e.to_string())
-                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                    let load = |variable_stack: bool| {
+                        taps.handover(iface)
+                            .map_err(|e| format!("no program array: {e}"))
+                            .and_then(|handover| {
+                                translate::translate_many_with(
+                                    &list,
+                                    map.raw_fd(),
+                                    Some(handover),
+                                    variable_stack,
+                                )
+                                .map_err(|e| e.to_string())
+                            })
+                            .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                    };
+                    // An older kernel refuses the variable stack offsets: without them.
+                    load(true).or_else(|_| load(false))
                 };
                 match loaded {
                     Ok(fd) => {
-                        let socket = CountingSocket::open(iface, &programs[0], Some(&fd))
-                            .with_context(|| format!("the named filters on `{iface}`"))
+                        let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
+                            .with_context(|| format!("interface `{iface}`"))
                             .map_err(StartError::Other)?;
-                        combined.push(socket);
+                        combined.push((iface.clone(), Arc::new(fd)));
+                        presence.push(Presence {
+                            iface: iface.clone(),
+                            ifindex,
+                            gone: false,
+                        });
                         for filter in &mut filters {
                             filter.shared += 1;
                         }
@@ -395,9 +437,15 @@ impl NamedFilters {
                 .enumerate()
             {
                 let translated = map.as_ref().and_then(|map| {
-                    let loaded = translate::translate(&program.insns, map.raw_fd(), index as u32)
-                        .map_err(|e| e.to_string())
-                        .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"));
+                    let slot = slots + index as u32;
+                    let load = |variable_stack: bool| {
+                        let list = [(program.insns.as_slice(), slot)];
+                        translate::translate_many_with(&list, map.raw_fd(), None, variable_stack)
+                            .map_err(|e| e.to_string())
+                            .and_then(|insns| bpf_sys::load_socket_filter(&insns, "sockscope_filt"))
+                    };
+                    // An older kernel refuses the variable stack offsets: without them.
+                    let loaded = load(true).or_else(|_| load(false));
                     match loaded {
                         Ok(fd) => Some(fd),
                         Err(e) => {
@@ -424,46 +472,58 @@ impl NamedFilters {
         Ok(Self {
             retired: Arc::default(),
             filters: Arc::new(Mutex::new(filters)),
-            combined: Arc::new(Mutex::new(combined)),
+            combined: Arc::new(combined),
+            presence: Arc::new(Mutex::new(presence)),
             map,
         })
+    }
+
+    /// The combined program of each interface, for [`super::taps::Taps::set_filters`].
+    pub fn programs(&self) -> &[(String, Arc<OwnedFd>)] {
+        &self.combined
     }
 
     /// The counts of every filter with at least one interface.
     pub fn totals(&self) -> Vec<Totals> {
         // Notices interfaces that went away.
-        for socket in self
-            .combined
+        for p in self
+            .presence
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter_mut()
         {
-            socket.poll();
+            p.check();
         }
         let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = filters.len() as u32;
         let mut out = Vec::new();
         for (index, f) in filters.iter_mut().enumerate() {
             if f.sockets.is_empty() && f.shared == 0 {
                 continue;
             }
-            let mut packets: u64 = f.sockets.iter_mut().map(|s| s.poll()).sum();
+            let mut own: (u64, u64) = (f.sockets.iter_mut().map(|s| s.poll()).sum(), 0);
+            let mut shared = (0, 0);
             let all_in_map = f.sockets.iter().all(|s| s.in_map);
-            let mut bytes = None;
-            if (f.shared > 0 || f.sockets.iter().any(|s| s.in_map))
-                && let Some(map) = &self.map
-            {
-                match map.read(index as u32) {
-                    Ok((p, b)) => {
-                        packets += p;
-                        bytes = all_in_map.then_some(b);
-                    }
-                    Err(e) => tracing::warn!(filter = %f.name, "reading the counter map: {e}"),
+            let read = |slot: u32| match self.map.as_ref().map(|m| m.read(slot)) {
+                Some(Ok(counts)) => counts,
+                Some(Err(e)) => {
+                    tracing::warn!(filter = %f.name, "reading the counter map: {e}");
+                    (0, 0)
                 }
+                None => (0, 0),
+            };
+            if f.shared > 0 {
+                shared = read(index as u32);
+            }
+            if f.sockets.iter().any(|s| s.in_map) {
+                let (p, b) = read(slots + index as u32);
+                own = (own.0 + p, b);
             }
             out.push(Totals {
                 name: f.name.clone(),
-                packets,
-                bytes,
+                packets: shared.0 + own.0,
+                bytes: (all_in_map && self.map.is_some()).then_some(shared.1 + own.1),
+                own,
             });
         }
         out

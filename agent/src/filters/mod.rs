@@ -1,7 +1,8 @@
 //! Socket filters: tcpdump expressions compiled by libpcap ([`compile`]), shown and tried
 //! offline by `sockscope filter check` ([`check_cmd`]), counted in the kernel as named
 //! filters of the agent ([`count`], through [`translate`] and [`bpf_sys`]); the built-in TCP
-//! segment classifier ([`segments`]); `sockscope capture` ([`capture`]).
+//! segment classifier ([`segments`]); the packet sockets both run on, one per interface
+//! ([`taps`]); `sockscope capture` ([`capture`]).
 
 pub mod bpf_sys;
 pub mod capture;
@@ -9,6 +10,7 @@ pub mod check_cmd;
 pub mod compile;
 pub mod count;
 pub mod segments;
+pub mod taps;
 pub mod translate;
 
 use std::{
@@ -79,6 +81,8 @@ const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// a filter whose name and expression stay are carried over, so its counter never goes back.
 pub struct LiveFilters {
     state: Mutex<LiveState>,
+    /// The packet sockets, shared with the classifier.
+    taps: Arc<taps::Taps>,
 }
 
 struct LiveState {
@@ -92,14 +96,18 @@ struct LiveState {
 
 impl LiveFilters {
     fn start(args: &FilterArgs) -> Result<Self, count::StartError> {
+        let taps = Arc::new(taps::Taps::default());
         let running = if args.filters.is_empty() {
             None
         } else {
-            let named = count::NamedFilters::start(&args.filters, &args.ifaces, args.mode)?;
+            let named = count::NamedFilters::start(&args.filters, &args.ifaces, args.mode, &taps)?;
+            taps.set_filters(named.programs())
+                .map_err(count::StartError::Other)?;
             named.keep_polling(POLL_INTERVAL);
             Some(named)
         };
         Ok(Self {
+            taps,
             state: Mutex::new(LiveState {
                 filters: args.filters.clone(),
                 ifaces: args.ifaces.clone(),
@@ -108,6 +116,11 @@ impl LiveFilters {
                 base: HashMap::new(),
             }),
         })
+    }
+
+    /// The packet sockets, for the classifier to share.
+    pub fn taps(&self) -> Arc<taps::Taps> {
+        Arc::clone(&self.taps)
     }
 
     /// Every filter's counts, its earlier generations included.
@@ -127,8 +140,9 @@ impl LiveFilters {
     }
 
     /// Puts `args`' filters in place of the running ones; false when nothing changed. The
-    /// new sockets are attached before the old ones go, and a filter that keeps its name
-    /// and expression continues its counts. On error the running filters stay.
+    /// new programs take over each interface's tap in one step, a filter's own sockets are
+    /// attached before the old ones go, and a filter that keeps its name and expression
+    /// continues its counts. On error the running filters stay.
     pub fn replace(&self, args: &FilterArgs) -> Result<bool, count::StartError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.filters == args.filters && state.ifaces == args.ifaces && state.mode == args.mode {
@@ -141,10 +155,18 @@ impl LiveFilters {
                 &args.filters,
                 &args.ifaces,
                 args.mode,
+                &self.taps,
             )?)
         };
-        // Both generations are read back to back: a packet that arrives in between may be
-        // counted once too few or too many, nothing more.
+        self.taps
+            .set_filters(next.as_ref().map_or(&[][..], |n| n.programs()))
+            .map_err(count::StartError::Other)?;
+        // Both generations are read back to back, after the taps changed hands: what the
+        // old programs counted is final, what the new ones counted since is theirs; only a
+        // filter's own sockets, old and new, both count what arrived since the new ones
+        // opened, which the new ones' count takes back. A packet that arrives between the
+        // reads, or meets the old program on another CPU while the taps change hands, may
+        // be counted once too few or too many, nothing more.
         let fresh: HashMap<String, count::Totals> = next
             .as_ref()
             .map(|n| {
@@ -175,8 +197,8 @@ impl LiveFilters {
                 .bytes
                 .map(|b| b + state.base.get(&spec.name).and_then(|b| b.1).unwrap_or(0));
             let now = fresh.get(&spec.name);
-            let now_packets = now.map_or(0, |t| t.packets);
-            let now_bytes = now.and_then(|t| t.bytes);
+            let now_packets = now.map_or(0, |t| t.own.0);
+            let now_bytes = now.and_then(|t| t.bytes.map(|_| t.own.1));
             base.insert(
                 spec.name.clone(),
                 (

@@ -1,11 +1,12 @@
-//! The built-in socket filter (`tcp_segments` in agent-ebpf) on a packet socket per
-//! `--iface`: `sockscope_tcp_segments_total{iface,direction,flags,port}`. The program
-//! returns 0, so the sockets never receive anything; the counts live in `TCP_SEGMENTS`.
+//! The built-in socket filter (`tcp_segments` in agent-ebpf) on the packet socket of each
+//! `--iface` ([`super::taps`]: alone, or behind the named filters' program on the same
+//! socket): `sockscope_tcp_segments_total{iface,direction,flags,port}`. The program returns
+//! 0, so the sockets never receive anything; the counts live in `TCP_SEGMENTS`.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
-    sync::Mutex,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    sync::{Arc, Mutex},
 };
 
 use agent_common::{PORT_OTHER, SegmentKey, segment};
@@ -16,7 +17,7 @@ use aya::{
 };
 use prometheus::proto::MetricFamily;
 
-use super::count::packet_socket;
+use super::taps::Taps;
 use crate::{
     metrics::{
         SelfMetrics, Source,
@@ -41,15 +42,17 @@ pub struct Segments {
     map: PerCpuHashMap<MapData, SegmentKey, u64>,
     names: HashMap<u32, String>,
     budget: Mutex<Budget<SegmentKey>>,
-    _sockets: Vec<OwnedFd>,
+    /// Where the program runs.
+    _taps: Arc<Taps>,
 }
 
-/// Loads the classifier from the agent's object and attaches it on every interface of
-/// `ifaces` that exists (a missing one is skipped with a warning).
+/// Loads the classifier from the agent's object and puts it on the tap of every interface
+/// of `ifaces` that exists (a missing one is skipped with a warning).
 pub fn start(
     probes: &mut Probes,
     ifaces: &[String],
     series_limit: usize,
+    taps: Arc<Taps>,
 ) -> anyhow::Result<Segments> {
     let netns = std::fs::metadata("/proc/thread-self/ns/net")
         .context("reading the agent's network namespace")?
@@ -72,31 +75,18 @@ pub fn start(
     program
         .load()
         .context("loading the tcp_segments socket filter")?;
-    let mut sockets = Vec::new();
-    let mut names = HashMap::new();
-    for iface in ifaces {
-        let opened = packet_socket(iface, |fd| {
-            program
-                .attach(fd)
-                .map(|_| ())
-                .map_err(|e| anyhow::anyhow!("attaching tcp_segments: {e}"))
-        });
-        match opened {
-            Ok((fd, ifindex)) => {
-                names.insert(ifindex, iface.clone());
-                sockets.push(fd);
-            }
-            Err(e) => tracing::warn!("built-in socket filter on `{iface}`: {e:#}; skipped"),
-        }
-    }
-    if sockets.is_empty() {
+    let watched = taps.set_classifier(program.fd()?.as_fd(), ifaces)?;
+    if watched.is_empty() {
         anyhow::bail!("no interface of --iface could be watched");
     }
     Ok(Segments {
         map,
-        names,
+        names: watched
+            .into_iter()
+            .map(|(iface, ifindex)| (ifindex, iface))
+            .collect(),
         budget: Mutex::new(Budget::new(series_limit)),
-        _sockets: sockets,
+        _taps: taps,
     })
 }
 

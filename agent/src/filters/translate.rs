@@ -3,10 +3,14 @@
 //! kernel took out of the frame: the on-wire length libpcap reports), in slot
 //! `index` of a per-CPU array map, and always returns 0: no packet is queued.
 //!
-//! Register use: R6 the context, R7 the accumulator A, R8 the index register X; classic
-//! scratch memory M[0..16] lives on the stack (zeroed first, as the verifier wants), packet
-//! bytes are read with `bpf_skb_load_bytes` (out of bounds: the classic program's "return
-//! 0"). 32-bit ALU and JMP32 keep the classic program's unsigned 32-bit arithmetic.
+//! Register use: R6 the context, R7 the accumulator A, R8 the index register X, R9 how many
+//! bytes of the packet's head were read ahead; classic scratch memory M[0..16] lives on the
+//! stack (zeroed first, as the verifier wants). The first `HEAD_BYTES` (128) bytes of the
+//! packet are read once with `bpf_skb_load_bytes`; every load (`ld [k]`, `ld [x + k]`,
+//! `ldxb 4*([k]&0xf)`) that falls within them is served from the stack, the one at `x + k`
+//! with a variable stack offset bounded first (privileged programs only); the others call
+//! the helper (out of bounds: the classic program's "return 0"). 32-bit ALU and JMP32 keep
+//! the classic program's unsigned 32-bit arithmetic.
 //! Supported ancillary loads: protocol, pkttype, ifindex and the VLAN ones libpcap uses on
 //! Linux; anything else is refused and the filter keeps counting packets only.
 
@@ -96,6 +100,8 @@ const FP: u8 = 10;
 
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_SKB_LOAD_BYTES: i32 = 26;
+const HELPER_TAIL_CALL: i32 = 12;
+const PACKET_OUTGOING: i32 = 4;
 const PSEUDO_MAP_FD: u8 = 1;
 
 /// Stack: M[0..16] at fp-64.., the load buffer at fp-72, the map key at fp-80.
@@ -108,6 +114,7 @@ const HEAD: i16 = -208;
 const HEAD_BYTES: i32 = 128;
 const E_OR: u8 = 0x40;
 const E_JLT: u8 = 0xa0;
+const E_JGT: u8 = 0x20;
 
 const SKF_AD_OFF: i64 = -0x1000;
 
@@ -145,6 +152,10 @@ struct Emitter {
     fixups: Vec<(usize, Target)>,
     /// The program being emitted.
     program: usize,
+    /// A local jump whose target lies beyond an offset's reach.
+    too_far: Option<usize>,
+    /// `ld [x + k]` may read the head at a variable stack offset.
+    variable_stack: bool,
 }
 
 impl Emitter {
@@ -185,21 +196,91 @@ impl Emitter {
             self.load_packet(size);
             return;
         }
-        // Byte by byte: the verifier wants aligned stack reads.
-        let fast = 1 + 3 * (usize::from(size) - 1);
-        let slow = 1 + 6 + 1 + if size > 1 { 1 } else { 0 };
-        self.push(insn(E_JMP | E_JLT, R9, 0, fast as i16 + 1, end));
-        self.push(insn(E_LDX | E_MEM | E_SZ_B, RA, FP, HEAD + k as i16, 0));
-        for i in 1..i16::from(size) {
-            self.push(insn(E_ALU | E_LSH, RA, 0, 0, 8));
-            self.push(insn(E_LDX | E_MEM | E_SZ_B, R1, FP, HEAD + k as i16 + i, 0));
-            self.push(insn(E_ALU | E_OR | E_SRC_X, RA, R1, 0, 0));
-        }
-        self.push(insn(E_JMP | E_JA, 0, 0, slow as i16, 0));
-        let before = self.out.len();
+        let to_slow = self.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, end));
+        self.head_bytes(FP, HEAD + k as i16, size);
+        let to_done = self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0));
+        self.land(to_slow);
         self.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
         self.load_packet(size);
-        debug_assert_eq!(self.out.len() - before, slow, "slow path length");
+        self.land(to_done);
+    }
+
+    /// A = packet bytes at X + k (the 32-bit sum, as the kernel computes it): from the head
+    /// read ahead when they lie in the bytes it holds, else through the helper, which gets
+    /// the same offset.
+    fn load_indirect(&mut self, k: i32, size: u8) {
+        self.push(insn(E_ALU | E_MOV | E_SRC_X, R2, RX, 0, 0));
+        self.push(insn(E_ALU | E_ADD, R2, 0, 0, k));
+        if !self.variable_stack {
+            self.load_packet(size);
+            return;
+        }
+        // Unsigned: the bound the verifier sees on the stack offset below. A sum past the
+        // buffer, or one the helper would take as negative, goes to the helper.
+        let past_buffer =
+            self.local_jump(insn(E_JMP | E_JGT, R2, 0, 0, HEAD_BYTES - i32::from(size)));
+        self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, R2, 0, 0));
+        self.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(size)));
+        let past_read = self.local_jump(insn(E_JMP | E_JGT | E_SRC_X, R3, R9, 0, 0));
+        // A variable stack offset, within the zeroed buffer (privileged programs only).
+        self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, FP, 0, 0));
+        self.push(insn(E_ALU64 | E_ADD | E_SRC_X, R3, R2, 0, 0));
+        self.head_bytes(R3, HEAD, size);
+        let to_done = self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0));
+        self.land(past_buffer);
+        self.land(past_read);
+        self.load_packet(size);
+        self.land(to_done);
+    }
+
+    /// X = 4 * (P[k] & 0xf), A kept: from the head read ahead when it holds byte `k`.
+    fn load_msh(&mut self, k: i32) {
+        let mut to_done = None;
+        if k < HEAD_BYTES {
+            let to_slow = self.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, k + 1));
+            self.push(insn(E_LDX | E_MEM | E_SZ_B, RX, FP, HEAD + k as i16, 0));
+            self.push(insn(E_ALU | E_AND, RX, 0, 0, 0xf));
+            self.push(insn(E_ALU | E_LSH, RX, 0, 0, 2));
+            to_done = Some(self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0)));
+            self.land(to_slow);
+        }
+        // Through A's register: keep A.
+        self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R4, RA, 0, 0));
+        self.push(insn(E_STX | E_MEM | E_SZ_DW, FP, R4, KEY, 0));
+        self.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
+        self.load_packet(1);
+        self.push(insn(E_ALU | E_AND, RA, 0, 0, 0xf));
+        self.push(insn(E_ALU | E_LSH, RA, 0, 0, 2));
+        self.push(insn(E_ALU64 | E_MOV | E_SRC_X, RX, RA, 0, 0));
+        self.push(insn(E_LDX | E_MEM | E_SZ_DW, RA, FP, KEY, 0));
+        if let Some(at) = to_done {
+            self.land(at);
+        }
+    }
+
+    /// A = the `size` bytes at `base + off` on the stack, big-endian, byte by byte: the
+    /// verifier wants aligned stack reads.
+    fn head_bytes(&mut self, base: u8, off: i16, size: u8) {
+        self.push(insn(E_LDX | E_MEM | E_SZ_B, RA, base, off, 0));
+        for i in 1..i16::from(size) {
+            self.push(insn(E_ALU | E_LSH, RA, 0, 0, 8));
+            self.push(insn(E_LDX | E_MEM | E_SZ_B, R1, base, off + i, 0));
+            self.push(insn(E_ALU | E_OR | E_SRC_X, RA, R1, 0, 0));
+        }
+    }
+
+    /// A jump within the code being emitted, its target set by [`Self::land`].
+    fn local_jump(&mut self, i: Insn) -> usize {
+        self.out.push(i);
+        self.out.len() - 1
+    }
+
+    /// Points the local jump at `at` to the next instruction.
+    fn land(&mut self, at: usize) {
+        match i16::try_from(self.out.len() - at - 1) {
+            Ok(off) => self.out[at].off = off,
+            Err(_) => self.too_far = Some(at),
+        }
     }
 
     fn load_skb(&mut self, dst: u8, field: i16) {
@@ -214,22 +295,54 @@ pub fn translate(
     map_fd: i32,
     index: u32,
 ) -> Result<Vec<Insn>, Untranslatable> {
-    translate_many(&[(classic, index)], map_fd)
+    translate_many(&[(classic, index)], map_fd, None)
+}
+
+/// How the filters' program ends on an interface whose packet socket it shares with the
+/// built-in classifier.
+#[derive(Clone, Copy, Debug)]
+pub struct Handover {
+    /// The program array ([`super::bpf_sys::ProgArray`]) whose slot the program tail-calls
+    /// after the filters: the classifier, when it watches the interface (empty, the call
+    /// falls through).
+    pub chain_fd: i32,
+    /// A loopback interface: the outgoing copy of each packet skips the filters (tcpdump
+    /// counts one copy) and still goes on to the classifier (which counts both).
+    pub loopback: bool,
 }
 
 /// Translates several classic programs into one eBPF socket filter that runs each in turn,
 /// each counting what it accepts into its own slot: one packet tap for all the filters of an
-/// interface instead of one each.
+/// interface instead of one each; with `handover`, the program then tail-calls the
+/// classifier, so that one tap serves both.
 pub fn translate_many(
     programs: &[(&[libc::sock_filter], u32)],
     map_fd: i32,
+    handover: Option<Handover>,
+) -> Result<Vec<Insn>, Untranslatable> {
+    translate_many_with(programs, map_fd, handover, true)
+}
+
+/// [`translate_many`]; with `variable_stack` false, `ld [x + k]` always calls the helper:
+/// kernels before 5.12 refuse a stack read at a variable offset.
+pub fn translate_many_with(
+    programs: &[(&[libc::sock_filter], u32)],
+    map_fd: i32,
+    handover: Option<Handover>,
+    variable_stack: bool,
 ) -> Result<Vec<Insn>, Untranslatable> {
     let mut e = Emitter {
         out: Vec::new(),
         fixups: Vec::new(),
         program: 0,
+        too_far: None,
+        variable_stack,
     };
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R6, R1, 0, 0));
+    let skip_outgoing = handover.filter(|h| h.loopback).map(|_| {
+        e.load_skb(R1, SKB_PKT_TYPE);
+        e.local_jump(insn(E_JMP | E_JEQ, R1, 0, 0, PACKET_OUTGOING))
+    });
     // Read the head of the packet once: R9 = min(len, HEAD_BYTES) bytes at HEAD (zeroed
     // first, so the verifier knows it initialized); R9 = 0 if that fails.
     for slot in 0..(HEAD_BYTES as i16 / 8) {
@@ -266,6 +379,44 @@ pub fn translate_many(
         ends.push(e.out.len() - 1);
     }
     let exit_at = e.out.len();
+    let mut not_tcp = Vec::new();
+    if handover.is_some() {
+        // Only what the classifier could count goes on to it: an untagged IPv4 or IPv6
+        // packet whose protocol is not TCP is one it counts nothing of (anything else, a
+        // VLAN-tagged frame or one too short to tell, goes on).
+        let short = e.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, 24));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R1, FP, HEAD + 12, 0));
+        e.push(insn(E_ALU | E_LSH, R1, 0, 0, 8));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 13, 0));
+        e.push(insn(E_ALU | E_OR | E_SRC_X, R1, R2, 0, 0));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 23, 0));
+        let ipv4 = e.local_jump(insn(E_JMP | E_JEQ, R1, 0, 0, 0x0800));
+        let other = e.local_jump(insn(E_JMP | E_JNE, R1, 0, 0, 0x86dd));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 20, 0));
+        e.land(ipv4);
+        not_tcp.push(e.local_jump(insn(E_JMP | E_JNE, R2, 0, 0, 6)));
+        e.land(short);
+        e.land(other);
+    }
+    if let Some(at) = skip_outgoing {
+        e.land(at);
+    }
+    if let Some(h) = handover {
+        e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R1, R6, 0, 0));
+        e.push(insn(
+            E_LD | E_IMM | E_SZ_DW,
+            R2,
+            PSEUDO_MAP_FD,
+            0,
+            h.chain_fd,
+        ));
+        e.push(insn(0, 0, 0, 0, 0));
+        e.push(insn(E_ALU64 | E_MOV, R3, 0, 0, 0));
+        e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_TAIL_CALL));
+    }
+    for at in not_tcp {
+        e.land(at);
+    }
     e.push(insn(E_ALU64 | E_MOV, R0, 0, 0, 0));
     e.push(insn(E_JMP | E_EXIT, 0, 0, 0, 0));
     let too_far = |at: usize| Untranslatable {
@@ -281,6 +432,9 @@ pub fn translate_many(
             .and_then(|s| s.first().copied())
             .unwrap_or(exit_at);
         e.out[*at].off = i16::try_from(to as i64 - *at as i64 - 1).map_err(|_| too_far(*at))?;
+    }
+    if let Some(at) = e.too_far {
+        return Err(too_far(at));
     }
     for (at, target) in std::mem::take(&mut e.fixups) {
         let to = match target {
@@ -357,22 +511,8 @@ fn emit_program(
                         }
                     }
                     ABS if class == LD => e.load_fixed(k, size),
-                    IND if class == LD => {
-                        e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R2, RX, 0, 0));
-                        e.push(insn(E_ALU64 | E_ADD, R2, 0, 0, k));
-                        e.load_packet(size);
-                    }
-                    MSH if class == LDX && size == 1 && k >= 0 => {
-                        // X = 4 * (P[k] & 0xf), through A's register: keep A.
-                        e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R4, RA, 0, 0));
-                        e.push(insn(E_STX | E_MEM | E_SZ_DW, FP, R4, KEY, 0));
-                        e.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
-                        e.load_packet(1);
-                        e.push(insn(E_ALU | E_AND, RA, 0, 0, 0xf));
-                        e.push(insn(E_ALU | E_LSH, RA, 0, 0, 2));
-                        e.push(insn(E_ALU64 | E_MOV | E_SRC_X, RX, RA, 0, 0));
-                        e.push(insn(E_LDX | E_MEM | E_SZ_DW, RA, FP, KEY, 0));
-                    }
+                    IND if class == LD => e.load_indirect(k, size),
+                    MSH if class == LDX && size == 1 && k >= 0 => e.load_msh(k),
                     _ => return Err(bad()),
                 }
             }
@@ -505,7 +645,7 @@ mod tests {
             f(RET | K, 0, 0, 262_144),
             f(RET | K, 0, 0, 0),
         ];
-        let out = translate_many(&[(&classic, 0), (&classic, 1)], 3).expect("translates");
+        let out = translate_many(&[(&classic, 0), (&classic, 1)], 3, None).expect("translates");
         let exits = out.iter().filter(|i| i.code == E_JMP | E_EXIT).count();
         assert_eq!(exits, 1, "both programs go on to one exit");
         let slots: Vec<i32> = out
@@ -542,5 +682,210 @@ mod tests {
             f(RET | SRC_A, 0, 0, 0),
         ];
         assert!(translate(&vlan, 3, 0).is_ok());
+    }
+
+    /// Packet byte `i` of the test payloads: never 0, different from its neighbours.
+    fn byte(i: usize) -> u8 {
+        (i * 7 + 3) as u8 | 1
+    }
+
+    /// What libpcap's program reads with `size` bytes at `off` of a `len`-byte packet:
+    /// `None` out of bounds (the classic "return 0").
+    fn classic_load(len: usize, off: u32, size: u8) -> Option<u32> {
+        let off = usize::try_from(off)
+            .ok()
+            .filter(|&o| o <= i32::MAX as usize)?;
+        if off + usize::from(size) > len {
+            return None;
+        }
+        Some((0..usize::from(size)).fold(0u32, |a, i| a << 8 | u32::from(byte(off + i))))
+    }
+
+    /// One classic program to run, and which payload lengths it should count.
+    struct Case {
+        program: Vec<libc::sock_filter>,
+        accepts: Box<dyn Fn(usize) -> bool>,
+        what: String,
+    }
+
+    /// Runs every case's translation, all in one program, on payloads of each length in
+    /// `lens`, through the kernel (`BPF_PROG_TEST_RUN`): each must count exactly the
+    /// payloads its classic program accepts. Both ways: `ld [x + k]` from the head at a
+    /// variable stack offset, and through the helper (for kernels before 5.12).
+    fn run_cases(cases: &[Case], lens: &[usize]) {
+        for variable_stack in [true, false] {
+            run_cases_with(cases, lens, variable_stack);
+        }
+    }
+
+    fn run_cases_with(cases: &[Case], lens: &[usize], variable_stack: bool) {
+        let map = crate::filters::bpf_sys::CountMap::create(cases.len() as u32)
+            .expect("creating the counter map");
+        let list: Vec<(&[libc::sock_filter], u32)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.program.as_slice(), i as u32))
+            .collect();
+        let insns =
+            translate_many_with(&list, map.raw_fd(), None, variable_stack).expect("translates");
+        let prog = crate::filters::bpf_sys::load_socket_filter(&insns, "sockscope_test")
+            .unwrap_or_else(|e| panic!("the verifier refuses the translation: {e}"));
+        let mut before: Vec<u64> = (0..cases.len())
+            .map(|i| map.read(i as u32).expect("reads").0)
+            .collect();
+        let mut wrong = Vec::new();
+        for &len in lens {
+            let mut data = vec![0u8; 14];
+            // A local experimental EtherType: the kernel checks no header behind it.
+            data[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            data.extend((0..len).map(byte));
+            let rc = crate::filters::bpf_sys::test_run(&prog, &data).expect("test run");
+            assert_eq!(rc, 0, "the program queues nothing");
+            for (i, case) in cases.iter().enumerate() {
+                let now = map.read(i as u32).expect("reads").0;
+                let counted = now - before[i];
+                before[i] = now;
+                if counted != u64::from((case.accepts)(len)) {
+                    wrong.push(format!("{} on {len} bytes: counted {counted}", case.what));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "variable stack {variable_stack}: {} wrong: {wrong:#?}",
+            wrong.len()
+        );
+    }
+
+    fn load_code(size: u8) -> u16 {
+        match size {
+            4 => W,
+            2 => H,
+            _ => B,
+        }
+    }
+
+    /// `ld [x + k]` from the head read ahead and through the helper, at the edges of the
+    /// bytes held and of the buffer, with sums that wrap at 32 bits and ones the helper
+    /// takes as negative: the same packets counted, the same bytes loaded.
+    #[test]
+    fn indirect_loads_match_the_classic_program() {
+        if !testkit::require_root() {
+            return;
+        }
+        let offsets: &[(u32, u32)] = &[
+            (0, 0),
+            (0, 1),
+            (14, 9),
+            (60, 20),
+            (0, 60),
+            (0, 61),
+            (100, 22),
+            (0, 124),
+            (0, 125),
+            (120, 6),
+            (0, 127),
+            (128, 0),
+            (100, 29),
+            (0, 196),
+            (0, 197),
+            (0xffff_fff0, 0x14),
+            (5, 0xffff_ffff),
+            (0x8000_0000, 0),
+            (0x7fff_ffff, 0),
+        ];
+        let mut cases = Vec::new();
+        for size in [1u8, 2, 4] {
+            for &(x, k) in offsets {
+                let off = x.wrapping_add(k);
+                let code = LD | load_code(size) | IND;
+                // Counts when the load succeeds.
+                cases.push(Case {
+                    program: vec![
+                        f(LDX | W | IMM, 0, 0, x),
+                        f(code, 0, 0, k),
+                        f(RET | K, 0, 0, 1),
+                    ],
+                    accepts: Box::new(move |len| classic_load(len, off, size).is_some()),
+                    what: format!("ld{size} [x + {k:#x}] with x = {x:#x}"),
+                });
+                // Counts when it loads the right bytes.
+                let want = classic_load(200, off, size).unwrap_or(0);
+                cases.push(Case {
+                    program: vec![
+                        f(LDX | W | IMM, 0, 0, x),
+                        f(code, 0, 0, k),
+                        f(JMP | 0x10, 0, 1, want),
+                        f(RET | K, 0, 0, 1),
+                        f(RET | K, 0, 0, 0),
+                    ],
+                    accepts: Box::new(move |len| {
+                        classic_load(len, off, size).is_some_and(|a| a == want)
+                    }),
+                    what: format!("ld{size} [x + {k:#x}] == {want:#x} with x = {x:#x}"),
+                });
+            }
+        }
+        run_cases(
+            &cases,
+            &[1, 2, 20, 62, 63, 64, 126, 127, 128, 129, 130, 200],
+        );
+    }
+
+    /// `ldxb 4*([k]&0xf)` from the head and through the helper; A is kept across it.
+    #[test]
+    fn header_length_loads_match_the_classic_program() {
+        if !testkit::require_root() {
+            return;
+        }
+        let mut cases = Vec::new();
+        for k in [0u32, 1, 14, 126, 127, 128, 129, 199, 200] {
+            let x = classic_load(200, k, 1).map_or(0, |b| 4 * (b & 0xf));
+            cases.push(Case {
+                program: vec![
+                    f(LD | W | IMM, 0, 0, 0x1234_5678),
+                    f(LDX | B | MSH, 0, 0, k),
+                    f(JMP | 0x10, 0, 3, 0x1234_5678),
+                    f(MISC | 0x80, 0, 0, 0),
+                    f(JMP | 0x10, 0, 1, x),
+                    f(RET | K, 0, 0, 1),
+                    f(RET | K, 0, 0, 0),
+                ],
+                accepts: Box::new(move |len| (k as usize) < len),
+                what: format!("ldxb 4*([{k}]&0xf) == {x}"),
+            });
+            cases.push(Case {
+                program: vec![f(LDX | B | MSH, 0, 0, k), f(RET | K, 0, 0, 1)],
+                accepts: Box::new(move |len| (k as usize) < len),
+                what: format!("ldxb 4*([{k}]&0xf)"),
+            });
+        }
+        // Fixed offsets, beside them in the same program.
+        for (k, size) in [
+            (0u32, 4u8),
+            (124, 4),
+            (125, 4),
+            (126, 2),
+            (127, 1),
+            (128, 1),
+        ] {
+            let want = classic_load(200, k, size).unwrap_or(0);
+            cases.push(Case {
+                program: vec![
+                    f(LD | load_code(size) | ABS, 0, 0, k),
+                    f(JMP | 0x10, 0, 1, want),
+                    f(RET | K, 0, 0, 1),
+                    f(RET | K, 0, 0, 0),
+                ],
+                accepts: Box::new(move |len| classic_load(len, k, size).is_some_and(|a| a == want)),
+                what: format!("ld{size} [{k}] == {want:#x}"),
+            });
+            cases.push(Case {
+                program: vec![f(LD | load_code(size) | ABS, 0, 0, k), f(RET | K, 0, 0, 1)],
+                accepts: Box::new(move |len| classic_load(len, k, size).is_some()),
+                what: format!("ld{size} [{k}]"),
+            });
+        }
+        run_cases(&cases, &[1, 14, 15, 127, 128, 129, 130, 200]);
     }
 }

@@ -32,9 +32,11 @@
 //! - `web`: /metrics latency and size over plain HTTP, gzip, TLS and TLS with basic auth
 //!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
 //! - `filters`: a bounded UDP stream over a veth pair without the agent, with its built-in
-//!   TCP segment classifier (`--iface`) and with ten count-only named filters (target ratio
-//!   ≥ 0.95; each round checks one filter's count); then `sockscope capture` and tcpdump on
-//!   the same stream: packets captured, dropped, CPU time.
+//!   TCP segment classifier (`--iface`) and with ten count-only named filters, in rounds
+//!   A B C C B A (target ratio ≥ 0.95; each stream with filters checks one filter's count,
+//!   each series that the receiver dropped nothing); 64-byte datagrams, then a labelled
+//!   second series of full-MTU ones; then `sockscope capture` and tcpdump on the same
+//!   stream: packets captured, dropped, CPU time.
 //!
 //! Benchmarks report, they never fail on a slow machine: the exit status is 1 only when
 //! something is broken (the agent does not start, a connect is not refused, counts differ).
@@ -109,7 +111,7 @@ pub struct Args {
     /// Never install missing peers (node_exporter, bpftrace) with apt-get
     #[arg(long)]
     no_install: bool,
-    /// UDP datagrams per round of the `filters` section
+    /// UDP datagrams per stream of the `filters` section (a quarter of it for full-MTU ones)
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     filter_packets: u64,
     /// Run only these sections, comma-separated (default: every section)

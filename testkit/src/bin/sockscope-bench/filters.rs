@@ -3,10 +3,16 @@
 //!
 //! A bounded stream of small UDP datagrams crosses a veth pair from namespace B to A. veth
 //! delivers in the sender's context, so every packet tap on A's end (the agent's packet
-//! sockets, a capture) slows the sender down: datagrams sent per second is the figure. Rounds
-//! alternate without and with the agent (ABAB): once with only the built-in TCP segment
-//! classifier (`--iface`), once with it and ten count-only named filters. Every with-filter
-//! round checks that the filter `udp_stream` counted each datagram. Then `sockscope capture`
+//! sockets, a capture) slows the sender down: datagrams sent per second is the figure. Each
+//! round streams without the agent (A), with only the built-in TCP segment classifier
+//! (`--iface`, B) and with it and ten count-only named filters (C), in the order A B C C B
+//! A, so that a drift of the machine's speed hits the three alike; a configuration's rate in
+//! the round is the mean of its two streams. The receiver's buffer is raised far above what
+//! a stream leaves queued between two drains (SO_RCVBUFFORCE), so no datagram is dropped at
+//! the socket (a drop would run the kernel's drop tracepoints, which the agent's other probes
+//! watch): `UdpRcvbufErrors` in A's namespace is checked to stay 0. Every with-filter stream
+//! checks that the filter `udp_stream` counted each datagram. A second, shorter series does
+//! the same with datagrams of a full 1500-byte MTU, labelled so. Then `sockscope capture`
 //! and tcpdump each capture one stream (`-w /dev/null`): packets captured, dropped, CPU time.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -27,6 +33,10 @@ const A: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const B: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
 const PORT: u16 = 7000;
 const PAYLOAD: usize = 64;
+/// The payload of a datagram that fills a 1500-byte MTU (IPv4 and UDP headers: 28 bytes).
+const MTU_PAYLOAD: usize = 1472;
+/// The receiver's buffer: far above the datagrams queued between two drains.
+const RCVBUF: libc::c_int = 32 << 20;
 
 /// Ten count-only filters of the kinds people name.
 const TEN: &[&str] = &[
@@ -56,6 +66,20 @@ impl Lab {
         let pair = a.veth_pair(&b, (IpAddr::V4(A), 24), (IpAddr::V4(B), 24))?;
         let receiver = a.run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(A), PORT)))??;
         receiver.set_nonblocking(true)?;
+        // SO_RCVBUFFORCE: past the rmem_max limit (root).
+        // SAFETY: an int option of the size given, on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&receiver),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&RCVBUF as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("SO_RCVBUFFORCE on the receiver");
+        }
         Ok(Lab {
             a,
             b,
@@ -64,12 +88,13 @@ impl Lab {
         })
     }
 
-    /// Sends up to `n` datagrams (stopping after `limit`); returns how many and how long.
-    fn stream(&self, n: u64, limit: Duration) -> Result<(u64, Duration)> {
+    /// Sends up to `n` datagrams of `size` bytes (stopping after `limit`); returns how many
+    /// and how long.
+    fn stream(&self, n: u64, size: usize, limit: Duration) -> Result<(u64, Duration)> {
         let result = self.b.run(|| -> Result<(u64, Duration)> {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.connect(SocketAddr::new(IpAddr::V4(A), PORT))?;
-            let payload = [0x5au8; PAYLOAD];
+            let payload = vec![0x5au8; size];
             let start = Instant::now();
             let mut sent = 0;
             while sent < n {
@@ -93,6 +118,125 @@ impl Lab {
         let mut buf = [0u8; 2048];
         while self.receiver.recv(&mut buf).is_ok() {}
     }
+
+    /// Datagrams A's namespace dropped for want of receive buffer, so far.
+    fn rcvbuf_errors(&self) -> Result<u64> {
+        self.a.counters()?.get("UdpRcvbufErrors")
+    }
+}
+
+/// The three configurations compared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Config {
+    NoAgent,
+    Classifier,
+    TenFilters,
+}
+
+/// Rates per configuration of one series, and what went wrong.
+struct Series {
+    none: Vec<f64>,
+    builtin: Vec<f64>,
+    ten: Vec<f64>,
+    /// `UdpRcvbufErrors` over the series.
+    receiver_drops: u64,
+}
+
+/// One series of `rounds` rounds of `n` datagrams of `size` bytes, each round A B C C B A.
+fn series(args: &Args, lab: &Lab, n: u64, size: usize, broken: &mut Vec<String>) -> Result<Series> {
+    let limit = Duration::from_secs(args.timeout);
+    lab.stream(n.min(20_000), size, limit)?; // warm-up
+    let drops_before = lab.rcvbuf_errors()?;
+    let mut out = Series {
+        none: Vec::new(),
+        builtin: Vec::new(),
+        ten: Vec::new(),
+        receiver_drops: 0,
+    };
+    use Config::*;
+    for round in 0..args.rounds {
+        let mut rates: Vec<(Config, f64)> = Vec::new();
+        for config in [
+            NoAgent, Classifier, TenFilters, TenFilters, Classifier, NoAgent,
+        ] {
+            let rate = match config {
+                NoAgent => {
+                    let (sent, wall) = lab.stream(n, size, limit)?;
+                    sent as f64 / wall.as_secs_f64()
+                }
+                _ => {
+                    let with_ten = config == TenFilters;
+                    let argv = agent_args(&lab.iface, with_ten);
+                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                    let agent = AgentProcess::start(&lab.a, &args.agent, &argv, AGENT_LISTEN)?;
+                    let before = agent.scrape()?;
+                    let (sent, wall) = lab.stream(n, size, limit)?;
+                    if with_ten {
+                        let labels = [("filter", "udp_stream")];
+                        let counted =
+                            wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+                                let after = agent.scrape()?;
+                                Ok(after
+                                    .get("sockscope_filter_packets_total", &labels)
+                                    .unwrap_or(0.0)
+                                    - before
+                                        .get("sockscope_filter_packets_total", &labels)
+                                        .unwrap_or(0.0)
+                                    == sent as f64)
+                            });
+                        if counted.is_err() {
+                            broken.push(format!(
+                                "{size}-byte round {round}: the filter udp_stream did not count the {sent} datagrams sent"
+                            ));
+                        }
+                    }
+                    sent as f64 / wall.as_secs_f64()
+                }
+            };
+            rates.push((config, rate));
+        }
+        let mean = |c: Config| {
+            let of: Vec<f64> = rates.iter().filter(|r| r.0 == c).map(|r| r.1).collect();
+            of.iter().sum::<f64>() / of.len() as f64
+        };
+        out.none.push(mean(NoAgent));
+        out.builtin.push(mean(Classifier));
+        out.ten.push(mean(TenFilters));
+    }
+    out.receiver_drops = lab.rcvbuf_errors()? - drops_before;
+    if out.receiver_drops != 0 {
+        broken.push(format!(
+            "the receiver dropped {} datagrams of {size} bytes (UdpRcvbufErrors)",
+            out.receiver_drops
+        ));
+    }
+    Ok(out)
+}
+
+fn print_series(s: Series) {
+    let (none, builtin, ten) = (Rates(s.none), Rates(s.builtin), Rates(s.ten));
+    println!("{:<34}{:<13}{:<19}(datagrams/s)", "", "median", "min–max");
+    for (label, rates) in [
+        ("no filter", &none),
+        ("built-in classifier (--iface)", &builtin),
+        ("classifier + ten named filters", &ten),
+    ] {
+        println!("{label:<34}{:<13.0}{}", rates.median(), rates.spread());
+    }
+    for (label, rates) in [
+        ("built-in classifier", &builtin),
+        ("+ ten named filters", &ten),
+    ] {
+        let ratio = rates.median() / none.median();
+        println!(
+            "ratio {label:<28}{ratio:.3} (target ≥ {TARGET_RATIO}: {})",
+            verdict(ratio >= TARGET_RATIO)
+        );
+    }
+    println!(
+        "receiver drops (UdpRcvbufErrors in the receiving namespace): {}",
+        s.receiver_drops
+    );
 }
 
 fn agent_args(iface: &str, ten: bool) -> Vec<String> {
@@ -122,64 +266,20 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let limit = Duration::from_secs(args.timeout);
     let n = args.filter_packets;
     println!(
-        "filters: {n} UDP datagrams of {PAYLOAD} bytes per round over a veth pair, {} rounds each, ABAB",
+        "filters: {n} UDP datagrams of {PAYLOAD} bytes per stream over a veth pair, {} rounds of A B C C B A \
+         (A no agent, B classifier, C classifier + ten filters)",
         args.rounds
     );
-    lab.stream(n.min(20_000), limit)?; // warm-up
-    let (mut none, mut builtin, mut ten) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..args.rounds {
-        let (sent, wall) = lab.stream(n, limit)?;
-        none.push(sent as f64 / wall.as_secs_f64());
-        for with_ten in [false, true] {
-            let argv = agent_args(&lab.iface, with_ten);
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let agent = AgentProcess::start(&lab.a, &args.agent, &argv, AGENT_LISTEN)?;
-            let before = agent.scrape()?;
-            let (sent, wall) = lab.stream(n, limit)?;
-            let rate = sent as f64 / wall.as_secs_f64();
-            if with_ten {
-                ten.push(rate);
-                let labels = [("filter", "udp_stream")];
-                let counted = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-                    let after = agent.scrape()?;
-                    Ok(after
-                        .get("sockscope_filter_packets_total", &labels)
-                        .unwrap_or(0.0)
-                        - before
-                            .get("sockscope_filter_packets_total", &labels)
-                            .unwrap_or(0.0)
-                        == sent as f64)
-                });
-                if counted.is_err() {
-                    broken.push(format!(
-                        "round {round}: the filter udp_stream did not count the {sent} datagrams sent"
-                    ));
-                }
-            } else {
-                builtin.push(rate);
-            }
-        }
-    }
-    let (none, builtin, ten) = (Rates(none), Rates(builtin), Rates(ten));
-    println!("{:<34}{:<13}{:<19}(datagrams/s)", "", "median", "min–max");
-    for (label, rates) in [
-        ("no filter", &none),
-        ("built-in classifier (--iface)", &builtin),
-        ("classifier + ten named filters", &ten),
-    ] {
-        println!("{label:<34}{:<13.0}{}", rates.median(), rates.spread());
-    }
-    for (label, rates) in [
-        ("built-in classifier", &builtin),
-        ("+ ten named filters", &ten),
-    ] {
-        let ratio = rates.median() / none.median();
-        println!(
-            "ratio {label:<28}{ratio:.3} (target ≥ {TARGET_RATIO}: {})",
-            verdict(ratio >= TARGET_RATIO)
-        );
-    }
-
+    let small = series(args, &lab, n, PAYLOAD, &mut broken)?;
+    print_series(small);
+    let n_mtu = (n / 4).max(1);
+    println!();
+    println!(
+        "the same with full-MTU datagrams ({MTU_PAYLOAD} bytes of payload, {n_mtu} per stream): \
+         fewer packets per byte, a second view, not the target's"
+    );
+    let mtu = series(args, &lab, n_mtu, MTU_PAYLOAD, &mut broken)?;
+    print_series(mtu);
     println!();
     println!("capture of the same stream (expression `udp dst port {PORT}`, -w /dev/null):");
     println!(
@@ -245,7 +345,7 @@ fn capture_round(lab: &Lab, mut cmd: Command, n: u64, limit: Duration) -> Result
     let result = (|| {
         let mut child = lab.a.spawn(cmd)?;
         wait_listening(&log, &mut child)?;
-        let (sent, _) = lab.stream(n, limit)?;
+        let (sent, _) = lab.stream(n, PAYLOAD, limit)?;
         std::thread::sleep(Duration::from_millis(1500));
         let cpu = cpu_time(child.pid())?;
         child.terminate(Duration::from_secs(10))?;
