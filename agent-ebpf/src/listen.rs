@@ -57,12 +57,14 @@ const ETH_P_IPV6: u32 = 0x86DD;
 const TH_SYN: u8 = 0x02;
 const TH_ACK: u8 = 0x10;
 
+#[inline(always)]
 fn count<C: aya_ebpf::EbpfContext>(ctx: &C, mut key: ListenerKey, kind: u8) {
     key.kind = kind;
     increment(ctx, &LISTEN_EVENTS, &key, map_error::LISTEN_EVENTS);
 }
 
 /// What `inet_sock_set_state` tells: mark new listeners, count completed handshakes.
+#[inline(always)]
 fn set_state<C: EbpfContext>(
     ctx: &C,
     sk: u64,
@@ -173,6 +175,7 @@ pub fn lsn_track_tp(ctx: TracePointContext) -> u32 {
 }
 
 /// A passive child became ESTABLISHED: it was just added to its listener's accept queue.
+#[inline(always)]
 fn handshake<C: EbpfContext>(ctx: &C, child: u64, netns: u32, port: u16) {
     let stash = HANDSHAKE_STASH.get_ptr_mut(0);
     if let Some(stash) = stash {
@@ -221,6 +224,7 @@ fn count_handshake<C: EbpfContext>(ctx: &C, key: &ListenerKey, len: Option<u32>)
 }
 
 /// Histogram bucket of an accept-queue length: upper bounds 0, 1, 2, 4, … 65536, +Inf.
+#[inline(always)]
 fn bucket(len: u32) -> u8 {
     if len == 0 {
         return 0;
@@ -244,6 +248,7 @@ pub fn lsn_ingress(ctx: SkBuffContext) -> i32 {
     1
 }
 
+#[inline(always)]
 fn ingress(ctx: &SkBuffContext) -> Option<()> {
     // SAFETY: the context pointer is valid for the program's run.
     let skb = unsafe { &*ctx.skb.skb };
@@ -371,6 +376,7 @@ fn typed_listener_key(tp: *const u8) -> ListenerKey {
 }
 
 /// The tests of `tcp_conn_request()`, in its order, on the listener's state now.
+#[inline(always)]
 fn syn_decision(ctx: &SkBuffContext, tp: *const u8, key: ListenerKey) -> Option<()> {
     let net: *const u8 = load(tp, layout(|l| &l.sk_net));
     let syncookies: u8 = load(net, layout(|l| &l.net_syncookies));
@@ -397,6 +403,7 @@ fn syn_decision(ctx: &SkBuffContext, tp: *const u8, key: ListenerKey) -> Option<
     Some(())
 }
 
+#[inline(always)]
 fn ack_drop<C: EbpfContext>(ctx: &C, reason: u32, sk: u64) {
     if reason == layout(|l| &l.reason_listen_overflow)
         && let Some(key) = listener_key(sk)

@@ -27,6 +27,7 @@ const TCP_CLOSE: u8 = 7;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_NEW_SYN_RECV: u8 = 12;
 
+#[inline(always)]
 fn reason_label(reason: Option<u32>) -> u8 {
     match reason {
         Some(r) if r < u32::from(REASON_UNKNOWN) => r as u8,
@@ -34,6 +35,7 @@ fn reason_label(reason: Option<u32>) -> u8 {
     }
 }
 
+#[inline(always)]
 fn count_sent<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8, reason: u8) {
     let key = ResetKey {
         netns,
@@ -44,6 +46,7 @@ fn count_sent<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8, reason:
     increment(ctx, &RESETS_SENT, &key, map_error::RESETS_SENT);
 }
 
+#[inline(always)]
 fn count_received<C: EbpfContext>(ctx: &C, netns: u32, port: u16, state: u8) {
     let key = ResetKey {
         netns,
@@ -91,6 +94,7 @@ fn sent_by<C: EbpfContext>(ctx: &C, sk: u64, skb: Option<u64>, reason: u8) {
 /// The local port of a socket in `state`: `inet_sport` for full sockets (their `skc_num` is
 /// already 0 when an abort moves them to CLOSE before the RST), `skc_num` for timewait and
 /// request sockets, which have no `inet_sock`.
+#[inline(always)]
 fn local_port(common: &SkCommon, state: u8) -> u16 {
     if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
         common.field(layout(|l| &l.sk_num)).unwrap_or(0)
