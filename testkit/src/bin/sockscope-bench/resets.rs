@@ -71,9 +71,10 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     }
     if kept.is_none() {
         // The last round ended without the agent: one for the scrapes, its maps filled by
-        // an untimed storm.
+        // an untimed storm as long as a round (so its RSS is taken as late after start-up
+        // as in the other case).
         let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
-        storm(&ns, args.connects.min(WARMUP), limit).context("storm before the scrapes")?;
+        storm(&ns, args.connects, limit).context("storm before the scrapes")?;
         kept = Some(agent);
     }
     // The last agent stays up, its maps filled, for the scrapes.
