@@ -3,8 +3,6 @@
 //! Link layer: Ethernet (also `lo`), with at most one VLAN tag left in the frame. The head of
 //! the packet is read once, with one helper call, and parsed from the stack.
 
-use core::mem::MaybeUninit;
-
 use agent_common::{PORT_OTHER, SegmentKey, map_error, segment};
 use aya_ebpf::{
     helpers::bpf_skb_load_bytes,
@@ -41,63 +39,100 @@ pub fn tcp_segments(ctx: SkBuffContext) -> i64 {
 /// with the longest options end at byte 92 (18 + 60 + 14).
 const HEAD: usize = 96;
 
-/// Reads the first `min(len, HEAD)` bytes of the packet into `buf` with one helper call and
-/// returns them; `None` when the packet is too short to hold TCP.
-#[inline(always)]
-fn read_head<'a>(ctx: &SkBuffContext, buf: &'a mut MaybeUninit<[u8; HEAD]>) -> Option<&'a [u8]> {
-    let len = (ctx.len() as usize).min(HEAD);
-    // The helper wants a length of at least one byte; a shorter packet holds no TCP.
-    if len < 14 {
-        return None;
-    }
-    // SAFETY: `len` bytes fit in the buffer; the helper checks the packet's bounds.
-    let rc =
-        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, buf.as_mut_ptr().cast(), len as u32) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: the helper wrote the first `len` bytes.
-    Some(unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) })
+/// The stack buffer the head is read into: a power of two, so that [`Head::byte`] can bound
+/// every index with a mask.
+const BUFFER: usize = 128;
+
+/// `BUFFER - 1`, in read-only data: the compiler cannot drop the mask as redundant (it can
+/// prove every index small), while the verifier reads its value and learns the bound. Older
+/// verifiers (Linux 6.1) do not carry `index < len` over to the index, so without it they
+/// refuse the variable-offset stack read.
+#[unsafe(no_mangle)]
+static HEAD_INDEX_MASK: usize = BUFFER - 1;
+
+/// The first `len` bytes of the packet, read with one helper call.
+struct Head {
+    bytes: [u8; BUFFER],
+    len: usize,
 }
 
-#[inline(always)]
-fn be16(head: &[u8], offset: usize) -> Option<u16> {
-    Some(u16::from(*head.get(offset)?) << 8 | u16::from(*head.get(offset + 1)?))
+impl Head {
+    /// Reads the first `min(len, HEAD)` bytes; `None` when the packet is too short to hold
+    /// TCP.
+    #[inline(always)]
+    fn read(ctx: &SkBuffContext) -> Option<Self> {
+        let len = (ctx.len() as usize).min(HEAD);
+        // The helper wants a length of at least one byte; a shorter packet holds no TCP.
+        if len < 14 {
+            return None;
+        }
+        let mut head = Head {
+            bytes: [0; BUFFER],
+            len,
+        };
+        // SAFETY: `len` bytes fit in the buffer; the helper checks the packet's bounds.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                0,
+                head.bytes.as_mut_ptr().cast(),
+                len as u32,
+            )
+        };
+        (rc == 0).then_some(head)
+    }
+
+    /// The byte at `offset`, if the packet has it.
+    #[inline(always)]
+    fn byte(&self, offset: usize) -> Option<u8> {
+        // SAFETY: a valid static; volatile only prevents constant folding.
+        let at = offset & unsafe { core::ptr::read_volatile(&HEAD_INDEX_MASK) };
+        // Offsets stay below HEAD + 14 < BUFFER, so the mask never changes one.
+        if at < self.len && at < BUFFER {
+            Some(self.bytes[at])
+        } else {
+            None
+        }
+    }
+
+    #[inline(always)]
+    fn be16(&self, offset: usize) -> Option<u16> {
+        Some(u16::from(self.byte(offset)?) << 8 | u16::from(self.byte(offset + 1)?))
+    }
 }
 
 #[inline(always)]
 fn classify(ctx: &SkBuffContext) -> Option<()> {
-    let mut buf = MaybeUninit::uninit();
-    let head = read_head(ctx, &mut buf)?;
+    let head = Head::read(ctx)?;
     let mut l3 = 14usize;
-    let mut proto = be16(head, 12)?;
+    let mut proto = head.be16(12)?;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16(head, 16)?;
+        proto = head.be16(16)?;
         l3 = 18;
     }
     let l4 = match proto {
         ETH_P_IP => {
-            let version_ihl = *head.get(l3)?;
-            if version_ihl >> 4 != 4 || *head.get(l3 + 9)? != IPPROTO_TCP {
+            let version_ihl = head.byte(l3)?;
+            if version_ihl >> 4 != 4 || head.byte(l3 + 9)? != IPPROTO_TCP {
                 return None;
             }
             // Later fragments carry no TCP header.
-            if be16(head, l3 + 6)? & 0x1fff != 0 {
+            if head.be16(l3 + 6)? & 0x1fff != 0 {
                 return None;
             }
             l3 + usize::from(version_ihl & 0x0f) * 4
         }
         ETH_P_IPV6 => {
-            if *head.get(l3 + 6)? != IPPROTO_TCP {
+            if head.byte(l3 + 6)? != IPPROTO_TCP {
                 return None;
             }
             l3 + 40
         }
         _ => return None,
     };
-    let source = be16(head, l4)?;
-    let dest = be16(head, l4 + 2)?;
-    let tcp_flags = *head.get(l4 + 13)?;
+    let source = head.be16(l4)?;
+    let dest = head.be16(l4 + 2)?;
+    let tcp_flags = head.byte(l4 + 13)?;
     let flags = if tcp_flags & 0x04 != 0 {
         segment::FLAGS_RST
     } else if tcp_flags & 0x02 != 0 {
