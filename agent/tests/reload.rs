@@ -80,11 +80,19 @@ fn has_netstat(m: &Metrics) -> bool {
 
 /// Two ports nobody listens on in `ns`.
 fn closed_ports(ns: &Netns) -> Result<(u16, u16)> {
-    ns.run(|| -> Result<(u16, u16)> {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let b = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        Ok((a.local_addr()?.port(), b.local_addr()?.port()))
-    })?
+    // The test's own namespace has nothing listening. The ports lie below the namespace's
+    // ephemeral range: a connect whose source port the kernel picked equal to its
+    // destination would connect to itself and succeed.
+    let (low, _) = ns.run(|| -> Result<(u16, u16)> {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+        let mut parts = range.split_whitespace().map(str::parse::<u16>);
+        match (parts.next(), parts.next()) {
+            (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
+            _ => anyhow::bail!("unreadable ip_local_port_range: {range:?}"),
+        }
+    })??;
+    anyhow::ensure!(low > 7010, "ephemeral ports start at {low}");
+    Ok((7001, 7002))
 }
 
 fn refuse(ns: &Netns, port: u16, n: usize) -> Result<()> {
@@ -157,7 +165,8 @@ fn sighup_applies_watch_ports_budgets_and_collectors_in_place() -> Result<()> {
 
     // A budget of 0 folds label sets not seen yet, and counts them; netstat back on; the
     // log level needs a restart and keeps its running value.
-    let (c, _) = closed_ports(&ns)?;
+    // A third closed port, below the ephemeral range as the others (see closed_ports).
+    let c = b + 1;
     config.write(&format!(
         "\"watch.ports\" = [{a}, {b}, {c}]\n\"limit.series-per-metric\" = 0\n\"log.level\" = \"debug\"\n"
     ))?;
