@@ -93,6 +93,14 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
             "a_full_time_wait_table_is_counted_as_overflow",
         ],
     ),
+    (
+        "reload",
+        &[
+            "--test-threads=1",
+            "--exact",
+            "reloads_under_traffic_hand_the_one_tap_over_exactly",
+        ],
+    ),
     ("promtool", &[]),
 ];
 
