@@ -110,6 +110,17 @@ impl Presence {
     }
 }
 
+/// Leaves the outgoing copy of each packet out of the socket `fd` (loopback's second copy).
+pub(super) fn ignore_outgoing(fd: &OwnedFd) -> anyhow::Result<()> {
+    setsockopt(
+        fd,
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &1 as &libc::c_int,
+    )
+    .context("PACKET_IGNORE_OUTGOING (Linux 4.20 or later)")
+}
+
 /// `setsockopt(2)` with a value of type `T`.
 pub(super) fn setsockopt<T>(
     fd: &OwnedFd,
@@ -211,13 +222,7 @@ impl CountingSocket {
             setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &0 as &libc::c_int)
                 .context("shrinking the receive buffer")?;
             if loopback {
-                setsockopt(
-                    fd,
-                    libc::SOL_PACKET,
-                    PACKET_IGNORE_OUTGOING,
-                    &1 as &libc::c_int,
-                )
-                .context("PACKET_IGNORE_OUTGOING (Linux 4.20 or later)")?;
+                ignore_outgoing(fd)?;
             }
             Ok(())
         })?;

@@ -26,7 +26,7 @@ use anyhow::Context as _;
 
 use super::{
     bpf_sys::{self, ProgArray},
-    count::{PACKET_IGNORE_OUTGOING, is_loopback, packet_socket, setsockopt},
+    count::{self, PACKET_IGNORE_OUTGOING, is_loopback, packet_socket, setsockopt},
     translate::Handover,
 };
 
@@ -131,13 +131,7 @@ fn open(iface: &str, prog: BorrowedFd<'_>, ignore_outgoing: bool) -> anyhow::Res
     let (socket, _) = packet_socket(iface, |fd| {
         attach(fd, prog)?;
         if ignore_outgoing {
-            setsockopt(
-                fd,
-                libc::SOL_PACKET,
-                PACKET_IGNORE_OUTGOING,
-                &1 as &libc::c_int,
-            )
-            .context("PACKET_IGNORE_OUTGOING (Linux 4.20 or later)")?;
+            count::ignore_outgoing(fd)?;
         }
         Ok(())
     })?;
