@@ -290,7 +290,28 @@ pub struct KernelLayout {
     pub net_port_range: u32,
     /// 1 when `net_port_range` is the older pair of ints.
     pub net_port_range_ints: u32,
+
+    /// BTF type ids in the running kernel, for `bpf_rdonly_cast` (see [`RDONLY_CAST_CALL`]);
+    /// all [`FIELD_ABSENT`] where the kernel lacks it (before Linux 6.2), and the programs
+    /// then read through `bpf_probe_read_kernel`. `struct sock`.
+    pub btf_sock: u32,
+    /// `struct inet_sock`.
+    pub btf_inet_sock: u32,
+    /// `struct sock_common`.
+    pub btf_sock_common: u32,
+    /// `struct tcphdr`.
+    pub btf_tcphdr: u32,
+    /// `struct hlist_nulls_node` (a link of an established-hash chain; its first member
+    /// points to the next).
+    pub btf_nulls_node: u32,
 }
+
+/// The helper number the programs call in place of the kernel function
+/// `bpf_rdonly_cast(ptr, btf_id)`, which a compiled object cannot name: before loading, the
+/// agent rewrites each such call into a call of the kernel function (or, where the kernel
+/// has none, into a plain move whose result no verified path reads). No helper has this
+/// number.
+pub const RDONLY_CAST_CALL: i32 = 0x5c0c_a570;
 
 impl KernelLayout {
     /// A layout where every field is absent: the programs then count nothing.
@@ -341,6 +362,11 @@ impl KernelLayout {
         hashinfo_ehash_mask: FIELD_ABSENT,
         net_port_range: FIELD_ABSENT,
         net_port_range_ints: 0,
+        btf_sock: FIELD_ABSENT,
+        btf_inet_sock: FIELD_ABSENT,
+        btf_sock_common: FIELD_ABSENT,
+        btf_tcphdr: FIELD_ABSENT,
+        btf_nulls_node: FIELD_ABSENT,
     };
 }
 
@@ -374,7 +400,7 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 46 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 51 * 4);
         assert_eq!(size_of::<TimeWaitKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);

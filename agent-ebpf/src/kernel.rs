@@ -3,7 +3,7 @@
 
 use agent_common::{
     FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_OTHER, PORT_SEEN_ENTRIES,
-    PORT_SEEN_SPAN, WATCH_PORT_WORDS,
+    PORT_SEEN_SPAN, RDONLY_CAST_CALL, WATCH_PORT_WORDS,
 };
 
 /// `AF_INET6`.
@@ -114,6 +114,44 @@ pub fn kread<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// `bpf_rdonly_cast(address, btf_id)`: the address as a read-only pointer to the kernel type
+/// `btf_id`, through which plain loads read kernel memory (the verifier makes each a
+/// fault-tolerant load, as for the BTF tracepoints' arguments) instead of one helper call per
+/// read. The kernel replaces the call with a move. See [`agent_common::RDONLY_CAST_CALL`].
+#[inline(always)]
+fn rdonly_cast(address: u64, btf_id: u32) -> *const u8 {
+    // SAFETY: the agent rewrites this call into one of the kernel function before loading.
+    let cast: unsafe extern "C" fn(u64, u32) -> *const u8 =
+        unsafe { core::mem::transmute(RDONLY_CAST_CALL as usize) };
+    // SAFETY: the kernel function only retypes its argument.
+    unsafe { cast(address, btf_id) }
+}
+
+/// Reads a `T` from kernel memory at `base + offset`, `base` being a `struct` of BTF type
+/// `btf_id` (a [`LAYOUT`] field): a plain load where the kernel has `bpf_rdonly_cast`, else
+/// through the helper. A fault reads as zero on the first path, as `None` on the second.
+#[inline(always)]
+pub fn peek<T: Copy>(base: u64, btf_id: u32, offset: u32) -> Option<T> {
+    if btf_id == FIELD_ABSENT {
+        return kread(base, offset);
+    }
+    if base == 0 || offset == FIELD_ABSENT {
+        return None;
+    }
+    Some(load(rdonly_cast(base, btf_id), offset))
+}
+
+/// A pointer field read with [`peek`], as a plain number (to test, offset or compare).
+#[inline(always)]
+pub fn peek_address(base: u64, btf_id: u32, offset: u32) -> Option<u64> {
+    let address: u64 = peek(base, btf_id, offset)?;
+    if btf_id == FIELD_ABSENT {
+        Some(address)
+    } else {
+        as_number(address)
+    }
+}
+
 /// Reads a `T` at `base + offset` with a plain load: only for pointers the verifier knows
 /// by their BTF type (BTF tracepoint and fentry arguments, and pointers loaded from them),
 /// where it checks the access against the type and turns a fault into a zero. `offset`
@@ -138,8 +176,12 @@ pub fn skb_local_port(skb: u64) -> u16 {
     if head == 0 || th == u16::MAX {
         return 0;
     }
-    kread::<u16>(head + u64::from(th), 2).map_or(0, u16::from_be)
+    peek::<u16>(head + u64::from(th), layout(|l| &l.btf_tcphdr), TCPHDR_DEST)
+        .map_or(0, u16::from_be)
 }
+
+/// Offset of `dest` in `struct tcphdr` (the wire format).
+pub const TCPHDR_DEST: u32 = 2;
 
 /// Bytes of `struct sock_common` read at once: state, ports, family and the namespace
 /// pointer all sit in this prefix on the kernels we know; a field beyond it is read alone.

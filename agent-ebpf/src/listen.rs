@@ -27,7 +27,7 @@ use aya_ebpf::{
 use crate::{
     kernel::{
         AF_INET6, LISTEN_PORTS, count_map_error, increment, kread, layout, listener_key, load,
-        mark_listen_port, record, sk_netns, value_of,
+        mark_listen_port, peek, record, sk_netns, value_of,
     },
     timewait,
 };
@@ -186,7 +186,11 @@ fn handshake<C: EbpfContext>(ctx: &C, child: u64, netns: u32, port: u16) {
             let key = s.key;
             s.listener = 0;
             // The child is already in the queue: this is the length it made.
-            let len = kread::<u32>(listener, layout(|l| &l.sk_ack_backlog));
+            let len = peek::<u32>(
+                listener,
+                layout(|l| &l.btf_sock),
+                layout(|l| &l.sk_ack_backlog),
+            );
             count_handshake(ctx, &key, len);
             return;
         }

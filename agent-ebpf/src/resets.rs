@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 
 use crate::kernel::{
-    SkCommon, increment, kread, layout, load, port_label, record, sk_netns, skb_local_port,
-    skb_netns,
+    SkCommon, TCPHDR_DEST, increment, kread, layout, load, peek, port_label, record, sk_netns,
+    skb_local_port, skb_netns,
 };
 
 /// Resets sent, by (netns, port, state, reason).
@@ -190,7 +190,12 @@ pub fn rst_send_btf(ctx: BtfTracePointContext) -> i32 {
         // `skc_num` is 0 once an abort has moved a full socket to CLOSE; `inet_sport` lies
         // beyond `struct sock`, where the verifier allows no plain load.
         let port = if state == TCP_CLOSE {
-            kread::<u16>(sk as u64, layout(|l| &l.inet_sport)).map_or(0, u16::from_be)
+            peek::<u16>(
+                sk as u64,
+                layout(|l| &l.btf_inet_sock),
+                layout(|l| &l.inet_sport),
+            )
+            .map_or(0, u16::from_be)
         } else {
             load(sk, layout(|l| &l.sk_num))
         };
@@ -208,7 +213,8 @@ pub fn rst_send_btf(ctx: BtfTracePointContext) -> i32 {
         let port = if head == 0 || th == u16::MAX {
             0
         } else {
-            kread::<u16>(head + u64::from(th), 2).map_or(0, u16::from_be)
+            peek::<u16>(head + u64::from(th), layout(|l| &l.btf_tcphdr), TCPHDR_DEST)
+                .map_or(0, u16::from_be)
         };
         count_sent(&ctx, netns, port, STATE_NONE, reason_label(reason));
     }

@@ -10,12 +10,14 @@
 //! without one (reset received or sent, FIN_WAIT2 timeout, orphan limits, and
 //! `tcp_max_tw_buckets` reached) finds none. See docs/KERNEL.md for the limits.
 
-use agent_common::{TimeWaitKey, map_error, tw_class};
+use agent_common::{FIELD_ABSENT, TimeWaitKey, map_error, tw_class};
 use aya_ebpf::{
     EbpfContext, cty::c_void, helpers::bpf_skc_to_tcp_sock, macros::map, maps::PerCpuHashMap,
 };
 
-use crate::kernel::{AF_INET6, SkCommon, as_number, increment, kread, layout, load, port_label};
+use crate::kernel::{
+    AF_INET6, SkCommon, as_number, increment, kread, layout, load, peek, peek_address, port_label,
+};
 
 /// TIME_WAIT entries per namespace and local-port label.
 #[map]
@@ -98,7 +100,8 @@ pub fn closed_typed<C: EbpfContext>(ctx: &C, sk: *const u8) -> Option<()> {
     let hashinfo: *const u8 = load(net, layout(|l| &l.net_tw_hashinfo));
     let ehash: u64 = load(hashinfo, layout(|l| &l.hashinfo_ehash));
     let closing = Closing {
-        net: net as u64,
+        // A number, as the candidates' `skc_net` is read.
+        net: as_number(net as u64)?,
         netns: load(net, layout(|l| &l.net_inum)),
         hash: load(tp, layout(|l| &l.sk_hash)),
         addrs: load(tp, layout(|l| &l.sk_addrpair)),
@@ -143,8 +146,10 @@ fn count_if_handed_over<C: EbpfContext>(
     c: &Closing,
     range: impl FnOnce() -> (u32, u32),
 ) -> Option<()> {
-    // struct inet_ehash_bucket is one hlist_nulls_head: one pointer.
-    let mut node: u64 = kread(c.ehash + u64::from(c.hash & c.mask) * 8, 0)?;
+    // struct inet_ehash_bucket is one hlist_nulls_head: one pointer, where a chain link
+    // (hlist_nulls_node) has its `next`.
+    let links = layout(|l| &l.btf_nulls_node);
+    let mut node = peek_address(c.ehash + u64::from(c.hash & c.mask) * 8, links, 0)?;
     let link = u64::from(layout(|l| &l.sk_nulls_node));
     let v6 = u32::from(c.family) == AF_INET6;
     let mut found = false;
@@ -154,19 +159,11 @@ fn count_if_handed_over<C: EbpfContext>(
             return None;
         }
         let tw = node - link;
-        let t = SkCommon::read(tw)?;
-        if t.field::<u8>(layout(|l| &l.sk_state)) == Some(TCP_TIME_WAIT)
-            && t.field::<u64>(layout(|l| &l.sk_net)) == Some(c.net)
-            && t.field::<u32>(layout(|l| &l.sk_hash)) == Some(c.hash)
-            && t.field::<u64>(layout(|l| &l.sk_addrpair)) == Some(c.addrs)
-            && t.field::<u16>(layout(|l| &l.sk_dport)) == Some(c.dport)
-            && t.field::<u16>(layout(|l| &l.sk_num)) == Some(c.sport)
-            && (!v6 || same_v6_peer(sk, tw))
-        {
+        if is_handed_over(c, tw)? && (!v6 || same_v6_peer(sk, tw)) {
             found = true;
             break;
         }
-        node = kread(node, 0)?;
+        node = peek_address(node, links, 0)?;
     }
     if !found {
         return None;
@@ -187,6 +184,33 @@ fn count_if_handed_over<C: EbpfContext>(
     }
     increment(ctx, &TIME_WAIT_ENTERED, &key, map_error::TIME_WAIT_ENTERED);
     Some(())
+}
+
+/// Whether the socket at `tw` in the chain is `c`'s timewait socket (IPv4 addresses only):
+/// field by field with plain loads where the kernel allows them, else from one read of its
+/// `sock_common`.
+#[inline(always)]
+fn is_handed_over(c: &Closing, tw: u64) -> Option<bool> {
+    let common = layout(|l| &l.btf_sock_common);
+    if common == FIELD_ABSENT {
+        let t = SkCommon::read(tw)?;
+        return Some(
+            t.field::<u8>(layout(|l| &l.sk_state)) == Some(TCP_TIME_WAIT)
+                && t.field::<u64>(layout(|l| &l.sk_net)) == Some(c.net)
+                && t.field::<u32>(layout(|l| &l.sk_hash)) == Some(c.hash)
+                && t.field::<u64>(layout(|l| &l.sk_addrpair)) == Some(c.addrs)
+                && t.field::<u16>(layout(|l| &l.sk_dport)) == Some(c.dport)
+                && t.field::<u16>(layout(|l| &l.sk_num)) == Some(c.sport),
+        );
+    }
+    Some(
+        peek::<u8>(tw, common, layout(|l| &l.sk_state)) == Some(TCP_TIME_WAIT)
+            && peek::<u32>(tw, common, layout(|l| &l.sk_hash)) == Some(c.hash)
+            && peek::<u64>(tw, common, layout(|l| &l.sk_addrpair)) == Some(c.addrs)
+            && peek::<u16>(tw, common, layout(|l| &l.sk_dport)) == Some(c.dport)
+            && peek::<u16>(tw, common, layout(|l| &l.sk_num)) == Some(c.sport)
+            && peek_address(tw, common, layout(|l| &l.sk_net)) == Some(c.net),
+    )
 }
 
 /// IPv6 sockets: the remote addresses match too (`skc_addrpair` holds only IPv4 ones).

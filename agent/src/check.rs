@@ -109,6 +109,20 @@ pub fn check(args: &CheckArgs) -> bool {
             Err(why) => format!("{why}; sockscope_tcp_time_wait_entered_total is unavailable (the gauges are not affected)"),
         },
     });
+    // A cost, not a capability: both paths count the same.
+    lines.push(Line {
+        ok: true,
+        feature: "kernel memory reads".into(),
+        detail: match &support.rdonly_cast {
+            Ok(_) => format!(
+                "plain loads, through the kernel function {}",
+                kernel::layout::RDONLY_CAST
+            ),
+            Err(why) => format!(
+                "through bpf_probe_read_kernel, a helper call per read ({why}; Linux 6.2 has the kernel function)"
+            ),
+        },
+    });
     // Nothing is pinned, so bpffs is only reported, never required.
     let bpffs = is_mounted(Path::new("/sys/fs/bpf"), "bpf");
     lines.push(Line {

@@ -48,6 +48,29 @@ impl KernelBtf {
         Ok(offset_bits / 8)
     }
 
+    /// The type id of the complete `struct <name>` (not a forward declaration).
+    pub fn struct_id(&self, name: &str) -> Result<u32, KernelError> {
+        let err = |detail: String| KernelError::Btf(format!("struct {name}: {detail}"));
+        let ids = self
+            .btf
+            .resolve_ids_by_name(name)
+            .map_err(|e| err(e.to_string()))?;
+        ids.into_iter()
+            .find(|&id| {
+                matches!(self.btf.resolve_type_by_id(id), Ok(Type::Struct(s)) if !s.members.is_empty())
+            })
+            .ok_or_else(|| err("no such struct".into()))
+    }
+
+    /// The type id of the kernel function `name`, when the kernel describes one.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.btf
+            .resolve_ids_by_name(name)
+            .ok()?
+            .into_iter()
+            .find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+    }
+
     /// Finds `member` in the struct or union `ty`: its bit offset and resolved type.
     fn find_member(&self, ty: &Type, member: &str) -> btf_rs::Result<Option<(u32, Type)>> {
         let s = match self.strip(ty.clone())? {

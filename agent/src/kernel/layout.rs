@@ -47,6 +47,33 @@ pub fn timewait_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<()
     Ok(())
 }
 
+/// The kernel function that lets programs read kernel memory with plain loads (Linux 6.2).
+pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
+
+/// Where the kernel has [`RDONLY_CAST`]: its BTF id, and the ids of the structs the programs
+/// read through it filled into `layout`. Otherwise they stay absent and the programs read
+/// through `bpf_probe_read_kernel`.
+pub fn cast_types(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<u32, KernelError> {
+    let kfunc = btf
+        .func_id(RDONLY_CAST)
+        .ok_or_else(|| KernelError::Btf(format!("no kernel function {RDONLY_CAST}")))?;
+    let ids = [
+        btf.struct_id("sock")?,
+        btf.struct_id("inet_sock")?,
+        btf.struct_id("sock_common")?,
+        btf.struct_id("tcphdr")?,
+        btf.struct_id("hlist_nulls_node")?,
+    ];
+    [
+        layout.btf_sock,
+        layout.btf_inet_sock,
+        layout.btf_sock_common,
+        layout.btf_tcphdr,
+        layout.btf_nulls_node,
+    ] = ids;
+    Ok(kfunc)
+}
+
 /// What the listener program reads of a listening socket and its namespace.
 pub fn listener_offsets(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<(), KernelError> {
     layout.sk_ack_backlog = btf.offset_of("sock", &["sk_ack_backlog"])?;

@@ -4,6 +4,7 @@
 //! the running kernel offers; a probe whose interface is missing is reported as down
 //! (`sockscope_probe_up 0`, a warning naming why) and the others keep working.
 
+mod kfunc;
 pub mod listen;
 pub mod ports;
 
@@ -365,6 +366,9 @@ pub enum ProbeError {
     /// The kernel refused the object (no BPF, no capability, verifier).
     #[error("loading the kernel programs: {0}")]
     Load(#[from] aya::EbpfError),
+    /// The object could not be prepared for this kernel.
+    #[error("{0}")]
+    Object(String),
     /// The object built without the eBPF step (AYA_BUILD_SKIP).
     #[error(
         "this binary was built without its kernel programs (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
@@ -399,6 +403,9 @@ pub struct KernelSupport {
     /// Whether `listen_track` counts TIME_WAIT entries: the `timewait` collector is on and
     /// the offsets it reads resolved (else why not).
     pub timewait: Result<(), String>,
+    /// The BTF id of `bpf_rdonly_cast`, through which the programs read kernel memory with
+    /// plain loads (else why they read through the helper).
+    pub rdonly_cast: Result<u32, String>,
 }
 
 impl KernelSupport {
@@ -417,6 +424,9 @@ impl KernelSupport {
             .btf()
             .and_then(|b| layout::struct_offsets(b, &mut layout).map_err(|e| e.to_string()));
         layout.synq_full_at_limit = u32::from(kernel::synq_full_at_limit());
+        let rdonly_cast = resolver
+            .btf()
+            .and_then(|b| layout::cast_types(b, &mut layout).map_err(|e| e.to_string()));
         let timewait = if disabled.contains(&"timewait") {
             Err("collector timewait is disabled".to_string())
         } else {
@@ -460,6 +470,7 @@ impl KernelSupport {
             tracefs: resolver.tracefs.ok(),
             cgroup2: resolver.cgroup2.ok(),
             timewait,
+            rdonly_cast,
         }
     }
 }
@@ -483,11 +494,23 @@ impl Probes {
             return Err(ProbeError::NoObject);
         }
         raise_memlock_limit();
+        let object = kfunc::link(EBPF_OBJECT, support.rdonly_cast.as_ref().ok().copied())
+            .map_err(ProbeError::Object)?;
+        match &support.rdonly_cast {
+            Ok(_) => tracing::debug!(
+                calls = object.calls,
+                "programs read kernel memory with plain loads ({})",
+                layout::RDONLY_CAST
+            ),
+            Err(why) => {
+                tracing::info!("programs read kernel memory through bpf_probe_read_kernel: {why}")
+            }
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &support.layout, true)
             .override_global("WATCH_ANY", &u32::from(watching), true)
             .override_global("TIMEWAIT_ON", &u32::from(support.timewait.is_ok()), true)
-            .load(EBPF_OBJECT)?;
+            .load(object.bytes())?;
         let logger_task = forward_kernel_log(&mut ebpf);
         let cgroup2 = support.cgroup2.clone();
         let status = support
