@@ -297,6 +297,8 @@ pub struct KernelLayout {
     pub btf_sock: u32,
     /// `struct inet_sock`.
     pub btf_inet_sock: u32,
+    /// `struct tcp_sock`.
+    pub btf_tcp_sock: u32,
     /// `struct sock_common`.
     pub btf_sock_common: u32,
     /// `struct tcphdr`.
@@ -364,6 +366,7 @@ impl KernelLayout {
         net_port_range_ints: 0,
         btf_sock: FIELD_ABSENT,
         btf_inet_sock: FIELD_ABSENT,
+        btf_tcp_sock: FIELD_ABSENT,
         btf_sock_common: FIELD_ABSENT,
         btf_tcphdr: FIELD_ABSENT,
         btf_nulls_node: FIELD_ABSENT,
@@ -400,7 +403,7 @@ mod tests {
     fn keys_have_no_padding() {
         assert_eq!(size_of::<ResetKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenPortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<KernelLayout>(), 51 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 52 * 4);
         assert_eq!(size_of::<TimeWaitKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ListenerKey>(), 4 + 2 + 1 + 1 + 16);
         assert_eq!(size_of::<HandshakeStash>(), 8 + 24);

@@ -11,7 +11,8 @@ pub const AF_INET6: u32 = 10;
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::bpf_probe_read_kernel,
+    cty::c_void,
+    helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
@@ -125,6 +126,21 @@ fn rdonly_cast(address: u64, btf_id: u32) -> *const u8 {
         unsafe { core::mem::transmute(RDONLY_CAST_CALL as usize) };
     // SAFETY: the kernel function only retypes its argument.
     unsafe { cast(address, btf_id) }
+}
+
+/// The TCP socket `sk` as a `struct tcp_sock` the verifier knows, whose fields are then plain
+/// loads: retyped for free where the kernel has `bpf_rdonly_cast`, else checked by the
+/// helper `bpf_skc_to_tcp_sock` (null when it is no full TCP socket). Only for sockets known
+/// to be TCP ones.
+#[inline(always)]
+pub fn tcp_sock<T>(sk: *const T) -> *const u8 {
+    let id = layout(|l| &l.btf_tcp_sock);
+    if id != FIELD_ABSENT {
+        rdonly_cast(sk as u64, id)
+    } else {
+        // SAFETY: helper call on a socket the verifier knows; it checks the socket's kind.
+        unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8 }
+    }
 }
 
 /// Reads a `T` from kernel memory at `base + offset`, `base` being a `struct` of BTF type

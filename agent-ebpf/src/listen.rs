@@ -18,7 +18,6 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_NO_PREALLOC,
-    helpers::bpf_skc_to_tcp_sock,
     macros::{btf_tracepoint, cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
@@ -27,7 +26,7 @@ use aya_ebpf::{
 use crate::{
     kernel::{
         AF_INET6, LISTEN_PORTS, count_map_error, increment, kread, layout, listener_key, load,
-        mark_listen_port, peek, record, sk_netns, value_of,
+        mark_listen_port, peek, record, sk_netns, tcp_sock, value_of,
     },
     timewait,
 };
@@ -289,9 +288,9 @@ fn ingress(ctx: &SkBuffContext) -> Option<()> {
     };
     let flags = packet.byte(ctx, flags_at)?;
     // As a `tcp_sock` the verifier knows the listener's kernel type: its fields are read
-    // with plain loads, not a helper call each.
-    // SAFETY: helper call on a socket the verifier knows; it checks the socket's kind.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *const u8;
+    // with plain loads, not a helper call each. A listener a TCP segment was delivered to
+    // is a TCP socket.
+    let tp = tcp_sock(sk);
     if tp.is_null() {
         return None;
     }

@@ -11,12 +11,11 @@
 //! `tcp_max_tw_buckets` reached) finds none. See docs/KERNEL.md for the limits.
 
 use agent_common::{FIELD_ABSENT, TimeWaitKey, map_error, tw_class};
-use aya_ebpf::{
-    EbpfContext, cty::c_void, helpers::bpf_skc_to_tcp_sock, macros::map, maps::PerCpuHashMap,
-};
+use aya_ebpf::{EbpfContext, macros::map, maps::PerCpuHashMap};
 
 use crate::kernel::{
     AF_INET6, SkCommon, as_number, increment, kread, layout, load, peek, peek_address, port_label,
+    tcp_sock,
 };
 
 /// TIME_WAIT entries per namespace and local-port label.
@@ -91,8 +90,8 @@ pub fn closed<C: EbpfContext>(ctx: &C, sk: u64) -> Option<()> {
 /// whose addresses the verifier cannot follow, goes through the helper.
 #[inline(always)]
 pub fn closed_typed<C: EbpfContext>(ctx: &C, sk: *const u8) -> Option<()> {
-    // SAFETY: helper call on a socket the verifier knows; the result is null-checked.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    // A socket moving from FIN_WAIT1/FIN_WAIT2/CLOSING, and of protocol TCP: a TCP socket.
+    let tp = tcp_sock(sk);
     if tp.is_null() {
         return None;
     }

@@ -60,6 +60,7 @@ pub fn cast_types(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<u32, Ker
     let ids = [
         btf.struct_id("sock")?,
         btf.struct_id("inet_sock")?,
+        btf.struct_id("tcp_sock")?,
         btf.struct_id("sock_common")?,
         btf.struct_id("tcphdr")?,
         btf.struct_id("hlist_nulls_node")?,
@@ -67,6 +68,7 @@ pub fn cast_types(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<u32, Ker
     [
         layout.btf_sock,
         layout.btf_inet_sock,
+        layout.btf_tcp_sock,
         layout.btf_sock_common,
         layout.btf_tcphdr,
         layout.btf_nulls_node,
