@@ -9,7 +9,7 @@ use testkit::{AgentProcess, Metrics, Netns};
 
 use crate::Args;
 use crate::listeners::AGENT_LISTEN;
-use crate::measure::{Rates, cpu_time, foreign_agents, median, verdict};
+use crate::measure::{Rates, cpu_time, foreign_agents, median, print_round_ratios, verdict};
 
 /// The ratio with/without the agent that the churn should reach.
 pub const TARGET_RATIO: f64 = 0.97;
@@ -192,6 +192,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         "ratio",
         verdict(ratio >= TARGET_RATIO)
     );
+    print_round_ratios(&rates_without.0, &rates_with.0);
     let rounds = without.iter().chain(with.iter().map(|w| &w.round));
     let truncated = rounds.filter(|r| r.connections < n).count();
     if truncated > 0 {

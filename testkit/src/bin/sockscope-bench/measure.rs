@@ -78,6 +78,19 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
         })
 }
 
+/// Prints each round's own ratio with/without (the two streams of a round run back to back,
+/// so a drift of the machine's speed between rounds cancels out): their median and spread,
+/// beside the ratio of the medians.
+pub fn print_round_ratios(without: &[f64], with: &[f64]) {
+    let ratios: Vec<f64> = with.iter().zip(without).map(|(w, wo)| w / wo).collect();
+    let (lo, hi) = min_max(&ratios);
+    println!(
+        "{:<17}{:<13.3}{lo:.3}–{hi:.3}  (each round's with/without)",
+        "round ratios",
+        median(&ratios)
+    );
+}
+
 /// Nearest-rank percentile of `values` (`p` in 0..=1); zero when empty.
 pub fn percentile(values: &[Duration], p: f64) -> Duration {
     let mut sorted = values.to_vec();

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use testkit::{AgentProcess, Metrics, Netns};
 
 use crate::Args;
-use crate::measure::{cpu_time, foreign_agents, median, min_max, percentile, rss_kib, time};
+use crate::measure::{
+    cpu_time, foreign_agents, median, min_max, percentile, print_round_ratios, rss_kib, time,
+};
 
 /// Where the agent listens, inside the benchmark's namespace.
 const AGENT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9844);
@@ -128,6 +130,7 @@ fn print_storm(
         "not met"
     };
     println!("{:<17}{ratio:<13.3}target ≥ {TARGET_RATIO}: {met}", "ratio");
+    print_round_ratios(&rates_without, &rates_with);
     let rounds = without.iter().chain(with.iter().map(|w| &w.round));
     let truncated = rounds.filter(|r| r.connects < args.connects).count();
     if truncated > 0 {
