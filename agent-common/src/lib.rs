@@ -144,10 +144,13 @@ pub mod tw_class {
 /// Number of u64 words in the watched-port bitmap (one bit per port).
 pub const WATCH_PORT_WORDS: u32 = 1024;
 
-/// Ports per entry of `LISTEN_PORT_SEEN` (one byte each).
+/// Ports per entry of `LISTEN_PORT_SEEN` (one byte each), and groups of ports per entry of
+/// `LISTEN_GROUP_SEEN` (one byte per group of this many ports).
 pub const PORT_SEEN_SPAN: u32 = 64;
 /// Entries of `LISTEN_PORT_SEEN`: every port has its byte.
 pub const PORT_SEEN_ENTRIES: u32 = 65536 / PORT_SEEN_SPAN;
+/// Entries of `LISTEN_GROUP_SEEN`: every group of [`PORT_SEEN_SPAN`] ports has its byte.
+pub const PORT_GROUP_ENTRIES: u32 = PORT_SEEN_ENTRIES / PORT_SEEN_SPAN;
 
 /// Indices of the per-CPU `MAP_ERRORS` array: counts of in-kernel map updates that failed.
 pub mod map_error {

@@ -2,8 +2,8 @@
 //! (`LAYOUT`, resolved at start-up from the running kernel's BTF and format files).
 
 use agent_common::{
-    FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_OTHER, PORT_SEEN_ENTRIES,
-    PORT_SEEN_SPAN, RDONLY_CAST_CALL, WATCH_PORT_WORDS,
+    FIELD_ABSENT, KernelLayout, ListenPortKey, ListenerKey, PORT_GROUP_ENTRIES, PORT_OTHER,
+    PORT_SEEN_ENTRIES, PORT_SEEN_SPAN, RDONLY_CAST_CALL, WATCH_PORT_WORDS,
 };
 
 /// `AF_INET6`.
@@ -31,10 +31,11 @@ pub static LISTEN_PORTS: HashMap<ListenPortKey, u8> = HashMap::with_max_entries(
 /// Ports that have had a listener in some namespace since the programs were loaded, one
 /// byte per port: set here on every move to LISTEN, never cleared. With
 /// [`LISTEN_PORT_SEEDED`], the agent's marks, a port marked in neither has no listener
-/// anywhere: the port rule answers `other` from these two small arrays, which stay in
-/// cache, without the hash lookup in `LISTEN_PORTS`. Most events (resets to closed ports,
-/// the ephemeral side of a connection) end there. Two maps because the agent writes whole
-/// entries: one writer each, so neither can undo the other's marks.
+/// anywhere: the port rule answers `other` without the hash lookup in `LISTEN_PORTS`. Most
+/// events (resets to closed ports, the ephemeral side of a connection) end there. Two maps
+/// because the agent writes whole entries: one writer each, so neither can undo the other's
+/// marks; bytes, not bits, because a plain store then marks a port without touching another
+/// CPU's marks.
 #[map]
 pub static LISTEN_PORT_SEEN: Array<[u8; PORT_SEEN_SPAN as usize]> =
     Array::with_max_entries(PORT_SEEN_ENTRIES, 0);
@@ -45,15 +46,45 @@ pub static LISTEN_PORT_SEEN: Array<[u8; PORT_SEEN_SPAN as usize]> =
 pub static LISTEN_PORT_SEEDED: Array<[u8; PORT_SEEN_SPAN as usize]> =
     Array::with_max_entries(PORT_SEEN_ENTRIES, 0);
 
-/// Marks `port` in [`LISTEN_PORT_SEEN`]. A plain byte store: concurrent marks of other
+/// One byte per group of [`PORT_SEEN_SPAN`] ports, marked with any port of the group in
+/// [`LISTEN_PORT_SEEN`] (and after it): 1 KiB, looked at first. The port arrays are 64 KiB
+/// each, too large to stay in cache between two events (perf found the first load of a
+/// reset's mark missing it most of the time); a port whose group has no mark is `other`
+/// from these.
+#[map]
+pub static LISTEN_GROUP_SEEN: Array<[u8; PORT_SEEN_SPAN as usize]> =
+    Array::with_max_entries(PORT_GROUP_ENTRIES, 0);
+
+/// The group marks of [`LISTEN_PORT_SEEDED`], written by the agent.
+#[map]
+pub static LISTEN_GROUP_SEEDED: Array<[u8; PORT_SEEN_SPAN as usize]> =
+    Array::with_max_entries(PORT_GROUP_ENTRIES, 0);
+
+/// Sets byte `at` of entry `index` of `map`. A plain byte store: concurrent marks of other
 /// ports touch other bytes, and a mark is never undone.
 #[inline(always)]
-pub fn mark_listen_port(port: u16) {
-    if let Some(span) = LISTEN_PORT_SEEN.get_ptr_mut(u32::from(port) / PORT_SEEN_SPAN) {
-        let at = (u32::from(port) % PORT_SEEN_SPAN) as usize;
+fn mark(map: &Array<[u8; PORT_SEEN_SPAN as usize]>, index: u32, at: u32) {
+    if let Some(span) = map.get_ptr_mut(index) {
+        let at = (at % PORT_SEEN_SPAN) as usize;
         // SAFETY: an element of the array map; `at` is below its length.
         unsafe { core::ptr::write_volatile((*span).as_mut_ptr().add(at), 1) };
     }
+}
+
+/// Whether byte `at` of entry `index` of `map` is set.
+#[inline(always)]
+fn marked(map: &Array<[u8; PORT_SEEN_SPAN as usize]>, index: u32, at: u32) -> bool {
+    map.get(index)
+        .is_some_and(|span| span[(at % PORT_SEEN_SPAN) as usize] != 0)
+}
+
+/// Marks `port` in [`LISTEN_PORT_SEEN`], then its group in [`LISTEN_GROUP_SEEN`]: a program
+/// that finds the group's mark finds the port's too.
+#[inline(always)]
+pub fn mark_listen_port(port: u16) {
+    let group = u32::from(port) / PORT_SEEN_SPAN;
+    mark(&LISTEN_PORT_SEEN, group, u32::from(port));
+    mark(&LISTEN_GROUP_SEEN, group / PORT_SEEN_SPAN, group);
 }
 
 /// 1 when any port is watched: saves the bitmap lookup on every event otherwise.
@@ -289,16 +320,15 @@ pub fn port_label(netns: u32, port: u16) -> u16 {
     {
         return port;
     }
-    let (index, at) = (
-        u32::from(port) / PORT_SEEN_SPAN,
-        (u32::from(port) % PORT_SEEN_SPAN) as usize,
-    );
-    let marked = |map: &Array<[u8; PORT_SEEN_SPAN as usize]>| {
-        map.get(index).is_some_and(|span| span[at] != 0)
-    };
-    if !marked(&LISTEN_PORT_SEEN) && !marked(&LISTEN_PORT_SEEDED) {
+    let group = u32::from(port) / PORT_SEEN_SPAN;
+    let (groups, port) = (group / PORT_SEEN_SPAN, u32::from(port));
+    if !marked(&LISTEN_GROUP_SEEN, groups, group) && !marked(&LISTEN_GROUP_SEEDED, groups, group) {
         return PORT_OTHER;
     }
+    if !marked(&LISTEN_PORT_SEEN, group, port) && !marked(&LISTEN_PORT_SEEDED, group, port) {
+        return PORT_OTHER;
+    }
+    let port = port as u16;
     let key = ListenPortKey {
         netns,
         port,

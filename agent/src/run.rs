@@ -206,7 +206,10 @@ async fn serve(
         ports::set_watch_ports(&mut watch, &args.watch_ports)?;
         watch_map = Some(watch);
         let listen: BpfHashMap<MapData, ListenPortKey, u8> = take(probes, "LISTEN_PORTS")?;
-        let seeded = ports::SeededPorts::new(take(probes, "LISTEN_PORT_SEEDED")?);
+        let seeded = ports::SeededPorts::new(
+            take(probes, "LISTEN_PORT_SEEDED")?,
+            take(probes, "LISTEN_GROUP_SEEDED")?,
+        );
         port_sync = Some(ports::Upkeep::new(listen, seeded, counters));
         if args.collectors.enabled("listen") {
             listen_events = Some(ListenMap::new(

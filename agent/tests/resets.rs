@@ -362,6 +362,58 @@ fn watched_ports_keep_their_label_and_others_fold() -> Result<()> {
     Ok(())
 }
 
+/// A listener from before the agent started is known only from the agent's seeding (its
+/// marks in `LISTEN_*_SEEDED`): its resets keep its port, and a closed port beside it (in
+/// the same group of 64 ports, so past the group mark) folds into `other`.
+#[test]
+fn a_listener_from_before_the_agent_keeps_its_port() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new()?;
+    let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+    let port = listener.local_addr()?.port();
+    let neighbour = port ^ 1;
+    let agent = AgentProcess::start(&ns, Path::new(AGENT), &[], agent_addr())?;
+    let netns = ns.inode().to_string();
+    const ABORTS: usize = 3;
+    const REFUSED: usize = 4;
+    ns.run(|| -> Result<()> {
+        for _ in 0..ABORTS {
+            close_with_unread_data(&listener)?;
+        }
+        ensure!(
+            connect_closed_port(SocketAddr::from(([127, 0, 0, 1], neighbour)), REFUSED)? == REFUSED,
+            "port {neighbour} must be closed"
+        );
+        Ok(())
+    })??;
+    let Some([no_socket, abort_on_close, _]) = sent_reasons(&agent)? else {
+        return assert_rst_send_unavailable(&agent, &netns);
+    };
+    let m = agent.scrape()?;
+    let own = port.to_string();
+    assert_eq!(
+        sent(&m, &netns, abort_on_close, "close", &own),
+        ABORTS as f64,
+        "aborts on the seeded listener's port keep it"
+    );
+    assert_eq!(sent(&m, &netns, no_socket, "none", "other"), REFUSED as f64);
+    assert_eq!(
+        m.get(
+            SENT,
+            &[
+                ("netns", &netns),
+                ("reason", no_socket),
+                ("state", "none"),
+                ("port", &neighbour.to_string())
+            ]
+        ),
+        None
+    );
+    Ok(())
+}
+
 #[test]
 fn series_budget_folds_into_other_and_counts_it() -> Result<()> {
     if !require_root() {

@@ -6,8 +6,8 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use agent_common::{
-    HandshakeCounts, ListenPortKey, ListenerKey, PORT_SEEN_ENTRIES, PORT_SEEN_SPAN, ResetKey,
-    TimeWaitKey, WATCH_PORT_WORDS,
+    HandshakeCounts, ListenPortKey, ListenerKey, PORT_GROUP_ENTRIES, PORT_SEEN_ENTRIES,
+    PORT_SEEN_SPAN, ResetKey, TimeWaitKey, WATCH_PORT_WORDS,
 };
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 
@@ -40,40 +40,60 @@ pub struct CounterMaps {
     pub timewait: Option<PerCpuHashMap<MapData, TimeWaitKey, u64>>,
 }
 
-/// One entry of the port-mark arrays (`LISTEN_PORT_SEEN`, `LISTEN_PORT_SEEDED`).
+/// One entry of the mark arrays (`LISTEN_PORT_*`, `LISTEN_GROUP_*`).
 type PortSpan = [u8; PORT_SEEN_SPAN as usize];
 
-/// The agent's marks in `LISTEN_PORT_SEEDED`: the ports it seeded, which the programs' port
-/// rule then looks up in `LISTEN_PORTS` (a port marked nowhere is `other` at once). Marks
-/// are never cleared: a port whose listener went only costs the exact lookup again.
-pub struct SeededPorts {
+/// One of the agent's mark arrays and the copy it writes from.
+struct Marks {
     map: Array<MapData, PortSpan>,
     spans: Vec<PortSpan>,
 }
 
+impl Marks {
+    /// Sets byte `at` of entry `at / PORT_SEEN_SPAN`. The agent is the map's only writer, so
+    /// writing the whole entry back loses no mark.
+    fn set(&mut self, at: u32) -> Result<(), MapError> {
+        let (index, byte) = (at / PORT_SEEN_SPAN, (at % PORT_SEEN_SPAN) as usize);
+        let span = &mut self.spans[index as usize];
+        if span[byte] != 0 {
+            return Ok(());
+        }
+        let mut copy = *span;
+        copy[byte] = 1;
+        self.map.set(index, copy, 0)?;
+        self.spans[index as usize] = copy;
+        Ok(())
+    }
+}
+
+/// The agent's marks in `LISTEN_PORT_SEEDED` and `LISTEN_GROUP_SEEDED`: the ports it
+/// seeded, which the programs' port rule then looks up in `LISTEN_PORTS` (a port marked
+/// nowhere is `other` at once). Marks are never cleared: a port whose listener went only
+/// costs the exact lookup again.
+pub struct SeededPorts {
+    ports: Marks,
+    groups: Marks,
+}
+
 impl SeededPorts {
-    /// Wraps the `LISTEN_PORT_SEEDED` map (all clear: the programs were just loaded).
-    pub fn new(map: Array<MapData, PortSpan>) -> Self {
-        Self {
+    /// Wraps the `LISTEN_PORT_SEEDED` and `LISTEN_GROUP_SEEDED` maps (all clear: the
+    /// programs were just loaded).
+    pub fn new(ports: Array<MapData, PortSpan>, groups: Array<MapData, PortSpan>) -> Self {
+        let marks = |map, entries| Marks {
             map,
-            spans: vec![[0; PORT_SEEN_SPAN as usize]; PORT_SEEN_ENTRIES as usize],
+            spans: vec![[0; PORT_SEEN_SPAN as usize]; entries as usize],
+        };
+        Self {
+            ports: marks(ports, PORT_SEEN_ENTRIES),
+            groups: marks(groups, PORT_GROUP_ENTRIES),
         }
     }
 
-    /// Marks `port`. The agent is the map's only writer, so writing the whole entry back
-    /// loses no mark.
+    /// Marks `port`, then its group: a program that finds the group's mark finds the
+    /// port's too.
     fn mark(&mut self, port: u16) -> Result<(), MapError> {
-        let index = u32::from(port) / PORT_SEEN_SPAN;
-        let at = (u32::from(port) % PORT_SEEN_SPAN) as usize;
-        let span = &mut self.spans[index as usize];
-        if span[at] != 0 {
-            return Ok(());
-        }
-        span[at] = 1;
-        let copy = *span;
-        self.map.set(index, copy, 0).inspect_err(|_| {
-            self.spans[index as usize][at] = 0;
-        })
+        self.ports.set(u32::from(port))?;
+        self.groups.set(u32::from(port) / PORT_SEEN_SPAN)
     }
 }
 
