@@ -22,6 +22,9 @@ const PROVED_BY: &[(&str, &str)] = &[
     ("listen_ingress", "listen_accuracy"),
 ];
 
+/// The `sockscope check` line that says how the programs read kernel memory.
+const READS: &str = "kernel memory reads";
+
 /// One line of `sockscope check`: feature, ok, detail.
 type CheckLine = (String, bool, String);
 
@@ -36,17 +39,14 @@ pub fn parse_check(lines: &[String]) -> Vec<CheckLine> {
                 "missing" | "no" | "down" | "fail" | "error" => false,
                 _ => return None,
             };
+            // The feature column is padded and followed by two spaces at least; a feature
+            // may have single spaces of its own (`probe rst_recv`, `timewait entries`).
             let rest = rest.trim_start();
-            // Features are one word, or `probe NAME` / `capability NAME`.
-            let words: Vec<&str> = rest.splitn(3, ' ').collect();
-            let (feature, detail) = match words.as_slice() {
-                [kind @ ("probe" | "capability"), name, detail] => {
-                    (format!("{kind} {name}"), detail.trim().to_owned())
-                }
-                [feature, rest @ ..] => ((*feature).to_owned(), rest.join(" ").trim().to_owned()),
-                [] => return None,
-            };
-            Some((feature, ok, detail))
+            let (feature, detail) = rest.split_once("  ").unwrap_or((rest, ""));
+            if feature.is_empty() {
+                return None;
+            }
+            Some((feature.to_owned(), ok, detail.trim().to_owned()))
         })
         .collect()
 }
@@ -131,6 +131,15 @@ pub fn write(reports: &[GuestReport]) -> Result<()> {
         }
         md.push('\n');
     }
+    // How the programs read kernel memory on each kernel (docs/KERNEL.md).
+    md.push_str("\nKernel memory reads (`sockscope check`):\n\n");
+    for (name, checks, _) in &columns {
+        let detail = checks
+            .iter()
+            .find(|(f, ..)| f == READS)
+            .map_or("not reported", |(_, _, d)| d.as_str());
+        let _ = writeln!(md, "- {name}: {detail}");
+    }
     std::fs::write(workspace_root().join(OUTPUT), md)?;
     println!("xtask: wrote {OUTPUT}");
     Ok(())
@@ -148,6 +157,7 @@ mod tests {
             "ok       btf                        /sys/kernel/btf/vmlinux",
             "ok       probe rst_recv             attached to fentry tcp_reset",
             "missing  probe rst_send             raw tracepoint tcp_send_reset: no reason",
+            "ok       kernel memory reads        plain loads, through the kernel function x",
         ]
         .map(String::from);
         let parsed = parse_check(&lines);
@@ -164,6 +174,11 @@ mod tests {
                     "probe rst_send".into(),
                     false,
                     "raw tracepoint tcp_send_reset: no reason".into()
+                ),
+                (
+                    READS.into(),
+                    true,
+                    "plain loads, through the kernel function x".into()
                 ),
             ]
         );

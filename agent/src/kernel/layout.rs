@@ -53,17 +53,18 @@ pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
 /// Where the kernel has [`RDONLY_CAST`]: its BTF id, and the ids of the structs the programs
 /// read through it filled into `layout`. Otherwise they stay absent and the programs read
 /// through `bpf_probe_read_kernel`.
-pub fn cast_types(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<u32, KernelError> {
+pub fn cast_types(btf: &KernelBtf, layout: &mut KernelLayout) -> Result<u32, String> {
     let kfunc = btf
         .func_id(RDONLY_CAST)
-        .ok_or_else(|| KernelError::Btf(format!("no kernel function {RDONLY_CAST}")))?;
+        .ok_or_else(|| format!("this kernel has no kernel function {RDONLY_CAST}"))?;
+    let id = |name| btf.struct_id(name).map_err(|e| e.to_string());
     let ids = [
-        btf.struct_id("sock")?,
-        btf.struct_id("inet_sock")?,
-        btf.struct_id("tcp_sock")?,
-        btf.struct_id("sock_common")?,
-        btf.struct_id("tcphdr")?,
-        btf.struct_id("hlist_nulls_node")?,
+        id("sock")?,
+        id("inet_sock")?,
+        id("tcp_sock")?,
+        id("sock_common")?,
+        id("tcphdr")?,
+        id("hlist_nulls_node")?,
     ];
     [
         layout.btf_sock,

@@ -426,7 +426,7 @@ impl KernelSupport {
         layout.synq_full_at_limit = u32::from(kernel::synq_full_at_limit());
         let rdonly_cast = resolver
             .btf()
-            .and_then(|b| layout::cast_types(b, &mut layout).map_err(|e| e.to_string()));
+            .and_then(|b| layout::cast_types(b, &mut layout));
         let timewait = if disabled.contains(&"timewait") {
             Err("collector timewait is disabled".to_string())
         } else {
