@@ -26,13 +26,7 @@ impl KernelBtf {
         let err = |detail: String| {
             KernelError::Btf(format!("struct {name}.{}: {detail}", path.join(".")))
         };
-        let mut ty = self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|e| err(e.to_string()))?
-            .into_iter()
-            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
-            .ok_or_else(|| err("no such struct".into()))?;
+        let (_, mut ty) = self.complete_struct(name).map_err(err)?;
         let mut offset_bits = 0u32;
         for member in path {
             let (bits, member_ty) = self
@@ -50,16 +44,23 @@ impl KernelBtf {
 
     /// The type id of the complete `struct <name>` (not a forward declaration).
     pub fn struct_id(&self, name: &str) -> Result<u32, KernelError> {
-        let err = |detail: String| KernelError::Btf(format!("struct {name}: {detail}"));
+        self.complete_struct(name)
+            .map(|(id, _)| id)
+            .map_err(|detail| KernelError::Btf(format!("struct {name}: {detail}")))
+    }
+
+    /// The complete `struct <name>` (a forward declaration has no members), with its id.
+    fn complete_struct(&self, name: &str) -> Result<(u32, Type), String> {
         let ids = self
             .btf
             .resolve_ids_by_name(name)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         ids.into_iter()
-            .find(|&id| {
-                matches!(self.btf.resolve_type_by_id(id), Ok(Type::Struct(s)) if !s.members.is_empty())
+            .find_map(|id| {
+                let ty = self.btf.resolve_type_by_id(id).ok()?;
+                matches!(&ty, Type::Struct(s) if !s.members.is_empty()).then_some((id, ty))
             })
-            .ok_or_else(|| err("no such struct".into()))
+            .ok_or_else(|| "no such struct".to_owned())
     }
 
     /// The type id of the kernel function `name`, when the kernel describes one.
