@@ -648,11 +648,29 @@ fn attach_all(
                         let _ = unload(p);
                     }
                 }
-                return Err(format!("{program} on {hook}: {err}"));
+                return Err(format!(
+                    "{program} on {hook}: {}",
+                    with_causes(err.as_ref())
+                ));
             }
         }
     }
     result
+}
+
+/// An error with its causes, outermost first (aya's syscall errors name the call and leave
+/// the errno to their source).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn unload(program: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
