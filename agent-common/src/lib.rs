@@ -78,6 +78,10 @@ pub mod listen_kind {
     pub const SYN_QUEUE_FULL_COOKIE: u8 = 3;
     /// A SYN-ACK retransmitted.
     pub const SYNACK_RETRANSMIT: u8 = 4;
+    /// The accept queue was full when a child was to be made without a request in the SYN
+    /// queue (a SYN cookie's ACK, a Fast Open SYN): an ACK-stage overflow whose segment TCP
+    /// does not discard on the listener.
+    pub const OVERFLOW_ACK_UNQUEUED: u8 = 5;
     /// Number of occupancy buckets: upper bounds 0, 1, 2, 4, … 2^16, then +Inf.
     pub const OCCUPANCY_BUCKETS: u8 = 19;
 }

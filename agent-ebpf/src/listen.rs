@@ -8,7 +8,9 @@
 //!   `tcp_conn_request()` to a SYN to tell which drop or cookie follows. It always passes the
 //!   packet: it observes, it never filters.
 //! - `listen_ack_drop` (`skb:kfree_skb`, reason `TCP_LISTEN_OVERFLOW`, Linux 6.11+): a
-//!   handshake-completing ACK dropped because the accept queue was full.
+//!   handshake-completing ACK dropped because the accept queue was full. Older kernels that
+//!   permit fentry: `tcp_v4_syn_recv_sock` / `tcp_v6_syn_recv_sock`, which test the accept
+//!   queue first thing.
 //! - `listen_synack` (`tcp:tcp_retransmit_synack`): SYN-ACK retransmits per listener.
 
 use agent_common::{
@@ -18,9 +20,11 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_NO_PREALLOC,
-    macros::{btf_tracepoint, cgroup_skb, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, cgroup_skb, fentry, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, RawTracePointContext, SkBuffContext, TracePointContext,
+    },
 };
 
 use crate::{
@@ -440,6 +444,55 @@ pub fn lsn_ackdrop_tp(ctx: TracePointContext) -> u32 {
         record(&ctx, layout(|l| &l.kfree_rx_sk)).unwrap_or(0),
     );
     0
+}
+
+/// fentry on `tcp_v4_syn_recv_sock(sk, skb, req, dst, req_unhash, own_req)`: the listener
+/// is about to make the child of a completed handshake, and its first test is whether the
+/// accept queue is full (`ListenOverflows`, `ListenDrops`, no child). For kernels without the
+/// `TCP_LISTEN_OVERFLOW` drop reason.
+#[fentry(function = "tcp_v4_syn_recv_sock")]
+pub fn lsn_ackdrop_v4_fentry(ctx: FEntryContext) -> i32 {
+    syn_recv_sock(&ctx);
+    0
+}
+
+/// fentry on `tcp_v6_syn_recv_sock(…)`, as [`lsn_ackdrop_v4_fentry`]. An IPv4 request on a
+/// dual-stack listener is handed on to `tcp_v4_syn_recv_sock` before any test: that program
+/// counts it.
+#[fentry(function = "tcp_v6_syn_recv_sock")]
+pub fn lsn_ackdrop_v6_fentry(ctx: FEntryContext) -> i32 {
+    let req: *const u8 = ctx.arg(2);
+    // A request socket begins with `sock_common`, as a socket does.
+    if !req.is_null() && u32::from(load::<u16>(req, layout(|l| &l.sk_family))) == AF_INET6 {
+        syn_recv_sock(&ctx);
+    }
+    0
+}
+
+/// The accept-queue test `syn_recv_sock` starts with (`sk_acceptq_is_full()`), an instant
+/// before the kernel makes it.
+#[inline(always)]
+fn syn_recv_sock(ctx: &FEntryContext) {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return;
+    }
+    let backlog: u32 = load(sk, layout(|l| &l.sk_ack_backlog));
+    let limit: u32 = load(sk, layout(|l| &l.sk_max_ack_backlog));
+    if backlog <= limit {
+        return;
+    }
+    // `req_unhash` is the request being completed from the SYN queue (`tcp_check_req()`),
+    // whose ACK TCP then discards on the listener; without one (a SYN cookie's ACK, a Fast
+    // Open SYN) the segment is not discarded there. The agent needs the difference for
+    // the listener's drops.
+    let unhash: u64 = ctx.arg(4);
+    let kind = if unhash != 0 {
+        listen_kind::OVERFLOW_ACK
+    } else {
+        listen_kind::OVERFLOW_ACK_UNQUEUED
+    };
+    count(ctx, typed_listener_key(sk), kind);
 }
 
 /// Raw `tcp_retransmit_synack(sk, req)`: the listener retransmitted a SYN-ACK.

@@ -362,10 +362,14 @@ impl KernelSource {
                     max: seen.syn_max,
                 };
                 let count = |kind| events.map(|e| e.get(&(id, kind)).copied().unwrap_or(0));
-                let ack = if self.ack_stage {
-                    count(ListenEventKind::OverflowAck)
+                // Overflows at the ACK stage; of them, those whose segment the listener
+                // discarded too (charged to its `sk_drops` twice).
+                let (ack, discarded) = if self.ack_stage {
+                    let discarded = count(ListenEventKind::OverflowAck);
+                    let unqueued = count(ListenEventKind::OverflowAckUnqueued);
+                    (discarded.zip(unqueued).map(|(d, u)| d + u), discarded)
                 } else {
-                    None
+                    (None, None)
                 };
                 if self.syn_stage {
                     l.overflows = Overflows::new(count(ListenEventKind::OverflowSyn), ack);
@@ -375,7 +379,7 @@ impl KernelSource {
                 } else {
                     l.overflows = Overflows::new(None, ack);
                 }
-                l.drops = self.drops(netns, listeners, s.addr, s.port, &drops_before, ack);
+                l.drops = self.drops(netns, listeners, s.addr, s.port, &drops_before, discarded);
                 for socket in listeners
                     .sockets
                     .iter()
@@ -390,8 +394,9 @@ impl KernelSource {
     }
 
     /// Drops charged to the listener during the interval: the increase of `sk_drops` of its
-    /// sockets (all of it for a socket born meanwhile), less the ACK-stage overflows, which
-    /// the kernel charges to `sk_drops` twice (as the agent does; see metrics/listen.rs).
+    /// sockets (all of it for a socket born meanwhile), less the ACK-stage overflows whose
+    /// segment the listener discarded, which the kernel charges to `sk_drops` twice (as the
+    /// agent does; see metrics/listen.rs).
     fn drops(
         &self,
         netns: u64,

@@ -55,6 +55,10 @@ pub enum ListenEventKind {
     OverflowSyn,
     /// Accept queue full, a handshake-completing ACK dropped.
     OverflowAck,
+    /// Accept queue full when a child was to be made without a request in the SYN queue (a
+    /// SYN cookie's ACK, a Fast Open SYN): shown as `stage="ack"` with [`Self::OverflowAck`],
+    /// but TCP does not discard the segment on the listener, so `sk_drops` holds it once.
+    OverflowAckUnqueued,
     /// SYN queue full, SYN dropped.
     SynQueueFullDrop,
     /// SYN queue full (or `tcp_syncookies=2`), answered with a cookie.
@@ -834,6 +838,11 @@ impl EventState {
         let ids: Vec<((ListenerId, ListenEventKind), u64)> =
             self.counters.iter().map(|(k, v)| (*k, *v)).collect();
         for ((id, kind), value) in ids {
+            // Both kinds of ACK-stage overflow make one series.
+            let kind = match kind {
+                ListenEventKind::OverflowAckUnqueued => ListenEventKind::OverflowAck,
+                other => other,
+            };
             if let Some(series) = self.series(id, view) {
                 *totals.entry((series, kind)).or_insert(0) += value;
             }
@@ -855,7 +864,9 @@ impl EventState {
             let with_extra = [netns, family, addr, port, event_label(*kind)];
             let value = *value as f64;
             match kind {
-                ListenEventKind::OverflowSyn | ListenEventKind::OverflowAck => {
+                ListenEventKind::OverflowSyn
+                | ListenEventKind::OverflowAck
+                | ListenEventKind::OverflowAckUnqueued => {
                     overflows.add(&with_extra, value);
                 }
                 ListenEventKind::SynQueueFullDrop | ListenEventKind::SynQueueFullCookie => {
@@ -930,7 +941,7 @@ pub fn resolve(listeners: &NsListeners, id: ListenerId) -> ListenerId {
 fn event_label(kind: ListenEventKind) -> &'static str {
     match kind {
         ListenEventKind::OverflowSyn => "syn",
-        ListenEventKind::OverflowAck => "ack",
+        ListenEventKind::OverflowAck | ListenEventKind::OverflowAckUnqueued => "ack",
         ListenEventKind::SynQueueFullDrop => "drop",
         ListenEventKind::SynQueueFullCookie => "cookie",
         ListenEventKind::SynackRetransmit | ListenEventKind::Handshake => "",
@@ -1328,6 +1339,31 @@ mod tests {
         let out = state.collect(&gone, None);
         assert_eq!(drops(&out), None);
         assert!(state.sockets.is_empty() && state.closed.is_empty());
+    }
+
+    #[test]
+    fn ack_overflows_of_both_kinds_make_one_series_and_only_discarded_ones_leave_the_drops() {
+        let mut state = ListenState::default();
+        let listener = &[("addr", "0.0.0.0"), ("port", "80")];
+        // sk_drops 10: 2 SYN-stage drops, 3 discarded ACKs charged twice, 2 cookie ACKs once.
+        let snap = snapshot(1, &[socket("0.0.0.0", 80, 1, 10)]);
+        let ev = events(&[
+            (id("0.0.0.0", 80), ListenEventKind::OverflowSyn, 2),
+            (id("0.0.0.0", 80), ListenEventKind::OverflowAck, 3),
+            (id("0.0.0.0", 80), ListenEventKind::OverflowAckUnqueued, 2),
+        ]);
+        let out = state.collect(&snap, Some(ev));
+        let stage = |s: &'static str| {
+            let mut labels = listener.to_vec();
+            labels.push(("stage", s));
+            value(&out, "sockscope_listen_overflows_total", &labels)
+        };
+        assert_eq!(stage("ack"), Some(5.0));
+        assert_eq!(stage("syn"), Some(2.0));
+        assert_eq!(
+            value(&out, "sockscope_listen_drops_total", listener),
+            Some(7.0)
+        );
     }
 
     #[test]

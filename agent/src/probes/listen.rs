@@ -63,6 +63,7 @@ fn event_kind(kind: u8) -> Option<ListenEventKind> {
     Some(match kind {
         listen_kind::OVERFLOW_SYN => ListenEventKind::OverflowSyn,
         listen_kind::OVERFLOW_ACK => ListenEventKind::OverflowAck,
+        listen_kind::OVERFLOW_ACK_UNQUEUED => ListenEventKind::OverflowAckUnqueued,
         listen_kind::SYN_QUEUE_FULL_DROP => ListenEventKind::SynQueueFullDrop,
         listen_kind::SYN_QUEUE_FULL_COOKIE => ListenEventKind::SynQueueFullCookie,
         listen_kind::SYNACK_RETRANSMIT => ListenEventKind::SynackRetransmit,

@@ -272,7 +272,7 @@ pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "listen_ack_drop",
         collectors: &["listen"],
-        needs: "tracepoint skb:kfree_skb with `rx_sk` (Linux 6.11) and drop reason TCP_LISTEN_OVERFLOW",
+        needs: "tracepoint skb:kfree_skb with `rx_sk` (Linux 6.11) and drop reason TCP_LISTEN_OVERFLOW, else fentry on tcp_v4_syn_recv_sock and tcp_v6_syn_recv_sock",
         paths: &[
             ProbePath {
                 program: "lsn_ackdrop_raw",
@@ -288,6 +288,21 @@ pub const PROBES: &[ProbeSpec] = &[
                 hook: Hook::Tracepoint("skb", "kfree_skb"),
                 resolve: |r, l| {
                     layout::kfree_skb(r.btf().ok(), &r.format("skb:kfree_skb")?, l).map_err(e)
+                },
+            },
+            // Last: it reads the accept queue an instant before the kernel does, where the
+            // tracepoints report the kernel's own decision.
+            ProbePath {
+                program: "lsn_ackdrop_v4_fentry",
+                also: &[(
+                    "lsn_ackdrop_v6_fentry",
+                    Hook::Fentry("tcp_v6_syn_recv_sock"),
+                )],
+                hook: Hook::Fentry("tcp_v4_syn_recv_sock"),
+                resolve: |r, l| {
+                    let btf = r.btf()?;
+                    layout::raw_offsets(btf, l).map_err(e)?;
+                    layout::listener_offsets(btf, l).map_err(e)
                 },
             },
         ],
