@@ -69,6 +69,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
             "--test-threads=1",
             "--exact",
             "accept_queue_overflow_ipv4_equals_listen_overflows",
+            "ack_stage_overflow_is_told_from_syn_stage",
+            "ack_stage_overflow_ipv6",
             "syn_queue_full_without_cookies_counts_drops",
             "syn_queue_full_with_cookies_counts_cookies",
             "syncookies_always_counts_every_syn_as_a_cookie",

@@ -20,6 +20,7 @@ const PROVED_BY: &[(&str, &str)] = &[
     ("rst_send", "resets"),
     ("rst_recv", "resets"),
     ("listen_ingress", "listen_accuracy"),
+    ("listen_ack_drop", "listen_accuracy"),
 ];
 
 /// The `sockscope check` line that says how the programs read kernel memory.
