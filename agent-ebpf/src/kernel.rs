@@ -279,18 +279,25 @@ pub fn sk_netns(sk: u64) -> u32 {
     kread(net, layout(|l| &l.net_inum)).unwrap_or(0)
 }
 
+/// An IPv4 address as the 16 bytes of a key: its four bytes (as read, in memory order)
+/// first, then zeros. Built from words: a byte array zeroed and then partly overwritten
+/// compiles to a call to an out-of-line `memset` loop.
+#[inline(always)]
+pub fn v4_in_16(v4: u32) -> [u8; 16] {
+    // SAFETY: both types are 16 bytes of plain data; the transmute keeps memory order.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>([v4, 0, 0, 0]) }
+}
+
 /// Identity of a listening socket (`sock_common` fields), with `kind` still to set.
 #[inline(always)]
 pub fn listener_key(sk: u64) -> Option<ListenerKey> {
     let family: u16 = kread(sk, layout(|l| &l.sk_family))?;
     let port: u16 = kread(sk, layout(|l| &l.sk_num))?;
-    let mut addr = [0u8; 16];
-    if u32::from(family) == AF_INET6 {
-        addr = kread(sk, layout(|l| &l.sk_v6_rcv_saddr))?;
+    let addr: [u8; 16] = if u32::from(family) == AF_INET6 {
+        kread(sk, layout(|l| &l.sk_v6_rcv_saddr))?
     } else {
-        let v4: [u8; 4] = kread(sk, layout(|l| &l.sk_rcv_saddr))?;
-        addr[..4].copy_from_slice(&v4);
-    }
+        v4_in_16(kread(sk, layout(|l| &l.sk_rcv_saddr))?)
+    };
     Some(ListenerKey {
         netns: sk_netns(sk),
         port,

@@ -30,7 +30,7 @@ use aya_ebpf::{
 use crate::{
     kernel::{
         AF_INET6, LISTEN_PORTS, count_map_error, increment, kread, layout, listener_key, load,
-        mark_listen_port, peek, record, sk_netns, tcp_sock, value_of,
+        mark_listen_port, peek, record, sk_netns, tcp_sock, v4_in_16, value_of,
     },
     timewait,
 };
@@ -365,13 +365,11 @@ impl Packet {
 #[inline(always)]
 fn typed_listener_key(tp: *const u8) -> ListenerKey {
     let family: u16 = load(tp, layout(|l| &l.sk_family));
-    let mut addr = [0u8; 16];
-    if u32::from(family) == AF_INET6 {
-        addr = load(tp, layout(|l| &l.sk_v6_rcv_saddr));
+    let addr: [u8; 16] = if u32::from(family) == AF_INET6 {
+        load(tp, layout(|l| &l.sk_v6_rcv_saddr))
     } else {
-        let v4: [u8; 4] = load(tp, layout(|l| &l.sk_rcv_saddr));
-        addr[..4].copy_from_slice(&v4);
-    }
+        v4_in_16(load(tp, layout(|l| &l.sk_rcv_saddr)))
+    };
     let net: *const u8 = load(tp, layout(|l| &l.sk_net));
     ListenerKey {
         netns: load(net, layout(|l| &l.net_inum)),

@@ -3,6 +3,8 @@
 //! Link layer: Ethernet (also `lo`), with at most one VLAN tag left in the frame. The head of
 //! the packet is read once, with one helper call, and parsed from the stack.
 
+use core::mem::MaybeUninit;
+
 use agent_common::{PORT_OTHER, SegmentKey, map_error, segment};
 use aya_ebpf::{
     helpers::bpf_skb_load_bytes,
@@ -50,36 +52,50 @@ const BUFFER: usize = 128;
 #[unsafe(no_mangle)]
 static HEAD_INDEX_MASK: usize = BUFFER - 1;
 
-/// The first `len` bytes of the packet, read with one helper call.
+/// The first `len` bytes of the packet, read with one helper call. Zeroed (the verifier
+/// wants the whole buffer written before a read at a variable offset) by sixteen 8-byte
+/// stores in [`Head::zeroed`]: left to the compiler, the zeroing becomes a call to an
+/// out-of-line `memset`, a loop of 128 one-byte stores, run for every packet.
+#[repr(C, align(8))]
 struct Head {
     bytes: [u8; BUFFER],
     len: usize,
 }
 
 impl Head {
-    /// Reads the first `min(len, HEAD)` bytes; `None` when the packet is too short to hold
-    /// TCP.
+    /// Zeroes `slot` in place (a `Head` moved out would be copied by a `memset` call again).
     #[inline(always)]
-    fn read(ctx: &SkBuffContext) -> Option<Self> {
+    fn zeroed(slot: &mut MaybeUninit<Head>) -> &mut Head {
+        let words = slot.as_mut_ptr().cast::<u64>();
+        for i in 0..size_of::<Head>() / 8 {
+            // SAFETY: within the (8-aligned) `Head`. Volatile, so that the compiler keeps
+            // the stores and does not turn them back into a `memset` call.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        // SAFETY: every byte was written (`Head` has no padding: its size is 8 × 17).
+        unsafe { slot.assume_init_mut() }
+    }
+
+    /// Reads the first `min(len, HEAD)` bytes into `self`; false when the packet is too
+    /// short to hold TCP. Filled in place: a `Head` returned by value is copied, twice.
+    #[inline(always)]
+    fn read(&mut self, ctx: &SkBuffContext) -> bool {
         let len = (ctx.len() as usize).min(HEAD);
         // The helper wants a length of at least one byte; a shorter packet holds no TCP.
         if len < 14 {
-            return None;
+            return false;
         }
-        let mut head = Head {
-            bytes: [0; BUFFER],
-            len,
-        };
+        self.len = len;
         // SAFETY: `len` bytes fit in the buffer; the helper checks the packet's bounds.
         let rc = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb.cast(),
                 0,
-                head.bytes.as_mut_ptr().cast(),
+                self.bytes.as_mut_ptr().cast(),
                 len as u32,
             )
         };
-        (rc == 0).then_some(head)
+        rc == 0
     }
 
     /// The byte at `offset`, if the packet has it.
@@ -103,7 +119,11 @@ impl Head {
 
 #[inline(always)]
 fn classify(ctx: &SkBuffContext) -> Option<()> {
-    let head = Head::read(ctx)?;
+    let mut slot = MaybeUninit::uninit();
+    let head = Head::zeroed(&mut slot);
+    if !head.read(ctx) {
+        return None;
+    }
     let mut l3 = 14usize;
     let mut proto = head.be16(12)?;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {

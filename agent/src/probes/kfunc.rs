@@ -162,6 +162,37 @@ mod tests {
         assert_eq!(moves, linked.calls);
     }
 
+    /// The compiler turns a zeroed or copied buffer of bytes into a call of `memset` or
+    /// `memcpy`, which on BPF is an out-of-line loop of one-byte stores: a 128-byte buffer
+    /// zeroed that way cost the classifier about 35 ns per packet. No program may call one.
+    #[test]
+    fn no_program_calls_an_out_of_line_memory_function() {
+        use object::ObjectSymbol as _;
+        let object = built();
+        if object.is_empty() {
+            return;
+        }
+        let file = object::File::parse(object).unwrap();
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let name = section.name().unwrap_or("?");
+            if section.kind() != SectionKind::Text || name == ".text" {
+                continue;
+            }
+            for (_, relocation) in section.relocations() {
+                let object::RelocationTarget::Symbol(index) = relocation.target() else {
+                    continue;
+                };
+                let symbol = file.symbol_by_index(index).unwrap();
+                let target = symbol.name().unwrap_or("?");
+                if ["memset", "memcpy", "memmove", "memcmp", "bcmp"].contains(&target) {
+                    calls.push(format!("{name} calls {target}"));
+                }
+            }
+        }
+        assert!(calls.is_empty(), "{calls:#?}");
+    }
+
     #[test]
     fn a_file_that_is_not_an_object_is_refused() {
         let err = link(b"not an ELF file", None).err().unwrap();
