@@ -135,16 +135,22 @@ fn basic_auth_wrong_password_401_right_one_200() -> Result<()> {
     Ok(())
 }
 
+/// A server CA (its leaf in server.crt/server.key) and a client CA (in clients.crt).
+fn server_and_client_cas(dir: &TempDir) -> Result<(Pki, Pki)> {
+    let server_pki = Pki::new("server CA")?;
+    let client_pki = Pki::new("client CA")?;
+    server_files(&server_pki, dir)?;
+    dir.write("clients.crt", &client_pki.ca_pem)?;
+    Ok((server_pki, client_pki))
+}
+
 #[test]
 fn client_certificate_required_and_tls13_only() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     let dir = TempDir::new("web-mtls")?;
-    let server_pki = Pki::new("server CA")?;
-    let client_pki = Pki::new("client CA")?;
-    server_files(&server_pki, &dir)?;
-    dir.write("clients.crt", &client_pki.ca_pem)?;
+    let (server_pki, client_pki) = server_and_client_cas(&dir)?;
     let config = dir.write(
         "web.yml",
         &format!(
@@ -183,6 +189,79 @@ fn client_certificate_required_and_tls13_only() -> Result<()> {
     .get(&ns, agent_addr(), "/metrics");
     let err = tls12.expect_err("min_version TLS13 must refuse a TLS 1.2 client");
     assert!(format!("{err:#}").contains("ProtocolVersion"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn client_allowed_sans_admits_only_certificates_naming_an_allowed_san() -> Result<()> {
+    use rcgen::SanType;
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-sans")?;
+    let (server_pki, client_pki) = server_and_client_cas(&dir)?;
+    // VerifyClientCertIfGiven on its own would let a client without a certificate in;
+    // with client_allowed_sans a certificate is required.
+    let config = dir.write(
+        "web.yml",
+        &format!(
+            "{TLS}  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: clients.crt\n  \
+             client_allowed_sans: [prometheus.example, 'spiffe://example.org/scraper']\n"
+        ),
+    )?;
+    let client = |sans: Vec<SanType>| -> Result<WebClient> {
+        Ok(WebClient {
+            cert: Some(client_pki.leaf_with("client", sans)?),
+            ..WebClient::tls(&server_pki)?
+        })
+    };
+    let by_dns = client(vec![
+        SanType::DnsName("other.example".try_into()?),
+        SanType::DnsName("prometheus.example".try_into()?),
+    ])?;
+    let ns = Netns::new()?;
+    let agent = start(&ns, &config, &by_dns, &[], agent_addr())?;
+
+    assert_eq!(by_dns.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    let by_uri = client(vec![SanType::URI(
+        "spiffe://example.org/scraper".try_into()?,
+    )])?;
+    assert_eq!(by_uri.get(&ns, agent_addr(), "/metrics")?.status, 200);
+    for (who, c) in [
+        (
+            "a certificate of the right CA with other names",
+            client(vec![
+                SanType::DnsName("grafana.example".try_into()?),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+            ])?,
+        ),
+        (
+            "a certificate whose common name is an allowed name",
+            WebClient {
+                cert: Some(client_pki.leaf_with("prometheus.example", vec![])?),
+                ..WebClient::tls(&server_pki)?
+            },
+        ),
+        ("no certificate", WebClient::tls(&server_pki)?),
+        (
+            "an allowed name from another CA",
+            WebClient {
+                cert: Some(server_pki.leaf_with(
+                    "x",
+                    vec![SanType::DnsName("prometheus.example".try_into()?)],
+                )?),
+                ..WebClient::tls(&server_pki)?
+            },
+        ),
+    ] {
+        let r = c.get(&ns, agent_addr(), "/metrics").map(|r| r.status);
+        assert!(r.is_err(), "{who} was served: {r:?}");
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("none of its subject alternative names is in client_allowed_sans"),
+        "{log}"
+    );
     Ok(())
 }
 

@@ -42,11 +42,20 @@ impl Pki {
 
     /// A leaf certificate for 127.0.0.1 (server or client): (cert PEM, key PEM).
     pub fn leaf(&self, name: &str) -> Result<(String, String)> {
+        self.leaf_with(
+            name,
+            vec![
+                SanType::DnsName("localhost".try_into()?),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+            ],
+        )
+    }
+
+    /// A leaf certificate with these subject alternative names: (cert PEM, key PEM).
+    pub fn leaf_with(&self, name: &str, sans: Vec<SanType>) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans;
         params.distinguished_name.push(DnType::CommonName, name);
         Ok((
             params.signed_by(&key, &self.issuer)?.pem(),

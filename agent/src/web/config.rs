@@ -63,8 +63,8 @@ pub struct TlsServerConfig {
     /// Key exchange groups by their Go names, in preference order.
     #[serde(default)]
     pub curve_preferences: Vec<String>,
-    /// Accepted, and refused with an explanation: matching client certificates by SAN is
-    /// not implemented.
+    /// A client certificate is accepted only if one of its subject alternative names (DNS
+    /// name, e-mail address, IP address or URI, as text) equals one of these.
     #[serde(default)]
     pub client_allowed_sans: Option<Vec<String>>,
 }
@@ -282,11 +282,20 @@ fn check_tls(tls: &TlsServerConfig) -> Result<(), ConfigError> {
              set client_auth_type: RequireAndVerifyClientCert",
         );
     }
-    if tls.client_allowed_sans.is_some() {
-        return err(
-            "tls_server_config: client_allowed_sans is not supported by sockscope; \
-             issue client certificates from a dedicated client_ca_file instead",
-        );
+    match &tls.client_allowed_sans {
+        Some(sans) if sans.is_empty() => {
+            return err(
+                "tls_server_config: client_allowed_sans is empty, so no client could connect; \
+                 list the allowed names or leave it out",
+            );
+        }
+        Some(_) if tls.client_auth_type == ClientAuthType::NoClientCert => {
+            return err(
+                "tls_server_config: client_allowed_sans needs client certificates; \
+                 set client_auth_type: RequireAndVerifyClientCert and client_ca_file",
+            );
+        }
+        _ => {}
     }
     for (name, version) in [
         ("min_version", tls.min_version),
@@ -449,6 +458,14 @@ mod tests {
             (
                 "tls_server_config:\n  cert: x\n  cert_file: a\n  key_file: b\n",
                 "not both",
+            ),
+            (
+                "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: c\n  client_allowed_sans: []\n",
+                "client_allowed_sans is empty",
+            ),
+            (
+                "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_allowed_sans: [prometheus]\n",
+                "client_allowed_sans needs client certificates",
             ),
             ("basic_auth_users:\n  u: plaintext\n", "not a bcrypt hash"),
             (

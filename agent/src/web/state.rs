@@ -253,6 +253,13 @@ fn server_config(tls: &TlsServerConfig, dir: &Path) -> Result<ServerConfig, Stri
                 .map_err(|e| format!("client CA: {e}"))?,
         ),
     };
+    let verifier = match (verifier, &tls.client_allowed_sans) {
+        (Some(inner), Some(allowed)) => Some(Arc::new(AllowedSans {
+            inner,
+            allowed: allowed.clone(),
+        }) as Arc<dyn ClientCertVerifier>),
+        (verifier, _) => verifier,
+    };
     let builder = match verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
@@ -393,6 +400,103 @@ impl ClientCertVerifier for AnyClientCert {
     }
 }
 
+/// `client_allowed_sans`: the inner verifier's checks, then one of the certificate's subject
+/// alternative names must equal an allowed one. A certificate is then always required.
+#[derive(Debug)]
+struct AllowedSans {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+/// A certificate's subject alternative names as text: DNS names, e-mail addresses, IP
+/// addresses (an IPv4-mapped IPv6 one in its IPv4 form) and URIs.
+fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| format!("client certificate: {e}"))?;
+    let Some(sans) = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("client certificate's subject alternative names: {e}"))?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                Some((*s).to_owned())
+            }
+            GeneralName::IPAddress(bytes) => match *bytes {
+                [a, b, c, d] => Some(std::net::Ipv4Addr::new(*a, *b, *c, *d).to_string()),
+                _ => <[u8; 16]>::try_from(*bytes).ok().map(|v6| {
+                    let v6 = std::net::Ipv6Addr::from(v6);
+                    v6.to_ipv4_mapped()
+                        .map_or_else(|| v6.to_string(), |v4| v4.to_string())
+                }),
+            },
+            _ => None,
+        })
+        .collect())
+}
+
+impl ClientCertVerifier for AllowedSans {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = subject_alt_names(end_entity).map_err(rustls::Error::General)?;
+        if names.iter().any(|n| self.allowed.contains(n)) {
+            Ok(verified)
+        } else {
+            tracing::warn!(
+                names = ?names,
+                "refused a client certificate: none of its subject alternative names is in \
+                 client_allowed_sans"
+            );
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +521,44 @@ mod tests {
         let tmp = dir.join(format!(".{name}.tmp"));
         fs::write(&tmp, text).expect("write");
         fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+
+    #[test]
+    fn subject_alt_names_are_read_as_text_of_every_kind() {
+        use rcgen::SanType;
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["scraper.example".to_owned()]).expect("params");
+        params.subject_alt_names.extend([
+            SanType::Rfc822Name("ops@example.org".try_into().expect("e-mail")),
+            SanType::URI("spiffe://example.org/prometheus".try_into().expect("uri")),
+            SanType::IpAddress([192, 0, 2, 7].into()),
+            SanType::IpAddress("2001:db8::1".parse::<std::net::IpAddr>().expect("v6")),
+            SanType::IpAddress(
+                "::ffff:198.51.100.9"
+                    .parse::<std::net::IpAddr>()
+                    .expect("v6"),
+            ),
+        ]);
+        let cert = params.self_signed(&key).expect("cert");
+        let names = subject_alt_names(cert.der()).expect("parsed");
+        assert_eq!(
+            names,
+            [
+                "scraper.example",
+                "ops@example.org",
+                "spiffe://example.org/prometheus",
+                "192.0.2.7",
+                "2001:db8::1",
+                "198.51.100.9",
+            ]
+        );
+        let bare = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        assert!(subject_alt_names(bare.der()).expect("parsed").is_empty());
+        assert!(subject_alt_names(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
     }
 
     fn self_signed(dir: &Path) {
