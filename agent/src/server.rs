@@ -4,7 +4,8 @@
 //! Limits keep it answering under hostile or careless clients: a connection cap (excess
 //! connections are closed at once), a cap on requests in flight (excess requests get 503 at
 //! once), at most [`RENDERS`] renders of the page at a time, a deadline for the request
-//! headers, for the TLS handshake and for each request, and a maximum age per connection.
+//! headers (HTTP/2, negotiated over TLS: a connection idle that long is closed), for the TLS
+//! handshake and for each request, and a maximum age per connection.
 
 use std::{convert::Infallible, io::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,7 +14,7 @@ use http_body_util::Full;
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
@@ -35,6 +36,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
 /// The largest request head accepted (hyper answers 431 beyond it).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Requests one HTTP/2 connection may have open at once (each also takes a place among
+/// the requests in flight).
+const H2_STREAMS: u32 = 8;
+/// How often an idle HTTP/2 connection is pinged; one that does not answer within
+/// [`HEADER_READ_TIMEOUT`] is closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Renders of the page at a time; more scrapes wait for one of them.
 pub const RENDERS: usize = 2;
 
@@ -98,46 +105,135 @@ pub async fn serve(
             match &active.tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection(tls, shared, peer).await,
+                        Ok(Ok(tls)) => {
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            connection(tls, shared, peer, h2).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                None => connection(stream, shared, peer).await,
+                None => connection(stream, shared, peer, false).await,
             }
         });
     }
 }
 
-async fn connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr)
+/// Serves one connection: HTTP/2 where TLS negotiated it (ALPN `h2`), else HTTP/1.1.
+async fn connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr, h2: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let idle = Arc::new(Idle::new());
+    let watch = Arc::clone(&idle);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+        let idle = Arc::clone(&watch);
+        async move {
+            idle.begin();
+            let response = handle(req, &shared).await;
+            idle.end();
+            Ok::<_, Infallible>(response)
+        }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = tokio::time::sleep(CONNECTION_MAX_AGE) => {
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(REQUEST_TIMEOUT, conn.as_mut()).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::debug!(%peer, "connection closed: past its maximum age");
-                    return;
+    let io = TokioIo::new(stream);
+    // Runs the connection until it ends or `closing` fires; then lets it finish the requests
+    // in flight (at most REQUEST_TIMEOUT) and closes it.
+    macro_rules! serve_until {
+        ($conn:expr, $closing:expr, $why:literal) => {{
+            let mut conn = std::pin::pin!($conn);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = $closing => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(REQUEST_TIMEOUT, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::debug!(%peer, concat!("connection closed: ", $why));
+                            return;
+                        }
+                    }
                 }
             }
-        }
+        }};
+    }
+    let result = if h2 {
+        // HTTP/2 has no header deadline: a connection without a request in flight for
+        // HEADER_READ_TIMEOUT is closed instead, so idle clients cannot hold the places.
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .keep_alive_interval(Some(H2_PING_INTERVAL))
+            .keep_alive_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(io, service);
+        let closing = async {
+            tokio::select! {
+                _ = tokio::time::sleep(CONNECTION_MAX_AGE) => {}
+                _ = idle.expired(HEADER_READ_TIMEOUT) => {}
+            }
+        };
+        serve_until!(conn, closing, "past its maximum age or idle")
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(io, service);
+        serve_until!(
+            conn,
+            tokio::time::sleep(CONNECTION_MAX_AGE),
+            "past its maximum age"
+        )
     };
     if let Err(e) = result {
         tracing::debug!(%peer, "connection: {e}");
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Idle {
+    start: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `start` to the end of the last request (or to `start`).
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Idle {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, std::sync::atomic::Ordering::SeqCst);
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Resolves once no request has been in flight for `limit`.
+    async fn expired(&self, limit: Duration) {
+        loop {
+            let last =
+                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::SeqCst));
+            let due = self.start + last + limit;
+            if std::time::Instant::now() >= due
+                && self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            {
+                return;
+            }
+            let wake = due.max(std::time::Instant::now() + Duration::from_millis(100));
+            tokio::time::sleep_until(wake.into()).await;
+        }
     }
 }
 

@@ -135,6 +135,140 @@ fn basic_auth_wrong_password_401_right_one_200() -> Result<()> {
     Ok(())
 }
 
+/// A TLS client trusting `pki` that offers the ALPN protocols `offer`.
+fn alpn_connector(pki: &Pki, offer: &[&[u8]]) -> Result<tokio_rustls::TlsConnector> {
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(pki.roots()?)
+    .with_no_client_auth();
+    config.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// Runs `f` on a new single-threaded runtime inside `ns`.
+fn in_runtime<T: Send>(
+    ns: &Netns,
+    f: impl std::future::Future<Output = Result<T>> + Send,
+) -> Result<T> {
+    ns.run(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f)
+    })?
+}
+
+/// One GET of `path` over TLS offering the ALPN protocols `offer`, with hyper's client for
+/// the protocol negotiated: (that protocol, status, body).
+fn alpn_get(
+    ns: &Netns,
+    pki: &Pki,
+    offer: &[&[u8]],
+    path: &str,
+) -> Result<(Option<Vec<u8>>, u16, String)> {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let connector = alpn_connector(pki, offer)?;
+    let addr = agent_addr();
+    in_runtime(ns, async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = connector.connect(addr.ip().into(), tcp).await?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let io = TokioIo::new(tls);
+        let response = if alpn.as_deref() == Some(b"h2") {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            let request = hyper::Request::get(format!("https://{addr}{path}"))
+                .body(Empty::<bytes::Bytes>::new())?;
+            send.send_request(request).await?
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let request = hyper::Request::get(path)
+                .header("host", addr.to_string())
+                .body(Empty::<bytes::Bytes>::new())?;
+            send.send_request(request).await?
+        };
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((alpn, status, String::from_utf8_lossy(&body).into_owned()))
+    })
+}
+
+/// How long the agent keeps an HTTP/2 connection open after one request, idle (None: still
+/// open after `limit`).
+fn h2_idle_lifetime(ns: &Netns, pki: &Pki, limit: Duration) -> Result<Option<Duration>> {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let connector = alpn_connector(pki, &[b"h2"])?;
+    let addr = agent_addr();
+    in_runtime(ns, async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = connector.connect(addr.ip().into(), tcp).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        let conn = tokio::spawn(conn);
+        let request = hyper::Request::get(format!("https://{addr}/healthz"))
+            .body(Empty::<bytes::Bytes>::new())?;
+        let status = send.send_request(request).await?.status();
+        anyhow::ensure!(status == 200, "healthz over HTTP/2: {status}");
+        let idle_since = Instant::now();
+        Ok(tokio::time::timeout(limit, conn)
+            .await
+            .ok()
+            .map(|_| idle_since.elapsed()))
+    })
+}
+
+#[test]
+fn http2_is_offered_over_tls_unless_switched_off() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = TempDir::new("web-h2")?;
+    let pki = Pki::new("server CA")?;
+    server_files(&pki, &dir)?;
+    let both: &[&[u8]] = &[b"h2", b"http/1.1"];
+    for (http2, expected) in [
+        ("", Some(b"h2".to_vec())),
+        (
+            "http_server_config:\n  http2: false\n",
+            Some(b"http/1.1".to_vec()),
+        ),
+    ] {
+        let config = dir.write("web.yml", &format!("{TLS}{http2}"))?;
+        let ns = Netns::new()?;
+        let _agent = start(&ns, &config, &WebClient::tls(&pki)?, &[], agent_addr())?;
+        let (alpn, status, body) = alpn_get(&ns, &pki, both, "/metrics")?;
+        assert_eq!(alpn, expected, "{http2:?}");
+        assert_eq!(status, 200, "{http2:?}");
+        assert!(body.contains("sockscope_build_info"), "{http2:?}: {body}");
+        let (_, status, _) = alpn_get(&ns, &pki, both, "/nothing-here")?;
+        assert_eq!(status, 404, "{http2:?}");
+        // A client that offers only HTTP/1.1 gets it either way.
+        let (alpn, status, _) = alpn_get(&ns, &pki, &[b"http/1.1"], "/healthz")?;
+        assert_eq!(
+            (alpn.as_deref(), status),
+            (Some(&b"http/1.1"[..]), 200),
+            "{http2:?}"
+        );
+        if expected.as_deref() == Some(b"h2") {
+            // No header deadline in HTTP/2: an idle connection is closed after 10 s instead.
+            let lifetime = h2_idle_lifetime(&ns, &pki, Duration::from_secs(30))?;
+            assert!(
+                lifetime.is_some_and(|t| t >= Duration::from_secs(9)),
+                "an idle HTTP/2 connection stayed open for {lifetime:?} (None: over 30 s)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A server CA (its leaf in server.crt/server.key) and a client CA (in clients.crt).
 fn server_and_client_cas(dir: &TempDir) -> Result<(Pki, Pki)> {
     let server_pki = Pki::new("server CA")?;

@@ -125,7 +125,8 @@ impl TlsVersion {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpServerConfig {
-    /// Accepted for compatibility; the agent serves HTTP/1.1 only.
+    /// Whether HTTP/2 is offered to TLS clients (ALPN `h2`); default true, as in other
+    /// Prometheus exporters. Plain HTTP is always HTTP/1.1.
     #[serde(default)]
     pub http2: Option<bool>,
     /// Extra response headers.

@@ -174,7 +174,10 @@ pub fn build(config: &WebConfig, dir: &Path) -> Result<Active, String> {
     let tls = config
         .tls_server_config
         .as_ref()
-        .map(|tls| server_config(tls, dir).map(|c| TlsAcceptor::from(Arc::new(c))))
+        .map(|tls| {
+            server_config(tls, dir, config.http_server_config.http2.unwrap_or(true))
+                .map(|c| TlsAcceptor::from(Arc::new(c)))
+        })
         .transpose()?;
     let headers = config
         .http_server_config
@@ -206,7 +209,7 @@ fn name_lower(name: &'static str) -> &'static str {
     }
 }
 
-fn server_config(tls: &TlsServerConfig, dir: &Path) -> Result<ServerConfig, String> {
+fn server_config(tls: &TlsServerConfig, dir: &Path, http2: bool) -> Result<ServerConfig, String> {
     let provider = Arc::new(provider(tls));
     let versions: Vec<&'static SupportedProtocolVersion> = [
         (TlsVersion::TLS12, &rustls::version::TLS12),
@@ -283,7 +286,11 @@ fn server_config(tls: &TlsServerConfig, dir: &Path) -> Result<ServerConfig, Stri
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate and key: {e}"))?;
     config.ignore_client_order = tls.prefer_server_cipher_suites;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(config)
 }
 
