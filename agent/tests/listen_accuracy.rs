@@ -73,10 +73,11 @@ fn assert_figures(
     let label = netns.inode().to_string();
     let mut last = (Figures::default(), Figures::default());
     let mut first_mismatch = None;
+    let mut kernel = Counters::default();
     let matched = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         let got = Figures::of(&agent.scrape()?, &label);
-        let k1 = netns.counters()?;
-        let want = expected(&k1.delta(before))?;
+        kernel = netns.counters()?.delta(before);
+        let want = expected(&kernel)?;
         let equal = got == want;
         if !equal && first_mismatch.is_none() {
             first_mismatch = Some((got.clone(), want.clone()));
@@ -86,7 +87,8 @@ fn assert_figures(
     });
     if let Err(e) = matched {
         panic!(
-            "{e:#}: agent (left) against the kernel (right), first mismatch {first_mismatch:?}\n  left: {:?}\n right: {:?}\n{}",
+            "{e:#}: agent (left) against the kernel (right), first mismatch {first_mismatch:?}\n  left: {:?}\n right: {:?}\n\
+             the namespace's counters that moved (other causes of sk_drops show here): {kernel:?}\n{}",
             last.0,
             last.1,
             agent.log()
