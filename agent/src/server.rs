@@ -39,9 +39,10 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Requests one HTTP/2 connection may have open at once (each also takes a place among
 /// the requests in flight).
 const H2_STREAMS: u32 = 8;
-/// How often an idle HTTP/2 connection is pinged; one that does not answer within
-/// [`HEADER_READ_TIMEOUT`] is closed.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// How often an HTTP/2 connection is pinged while it has requests in flight (an idle one
+/// is closed after [`HEADER_READ_TIMEOUT`]); a peer that does not answer within
+/// [`HEADER_READ_TIMEOUT`] is gone, and its connection is closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Renders of the page at a time; more scrapes wait for one of them.
 pub const RENDERS: usize = 2;
 
@@ -128,12 +129,15 @@ where
     let watch = Arc::clone(&idle);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
-        let idle = Arc::clone(&watch);
+        // In flight from here until the response's body is dropped: sent, or the request
+        // cancelled (an HTTP/2 stream reset drops this future on the spot).
+        let in_flight = InFlight::begin(&watch);
         async move {
-            idle.begin();
             let response = handle(req, &shared).await;
-            idle.end();
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
         }
     });
     let io = TokioIo::new(stream);
@@ -191,6 +195,55 @@ where
     }
 }
 
+/// One request in flight on a connection, until dropped.
+struct InFlight(Arc<Idle>);
+
+impl InFlight {
+    fn begin(idle: &Arc<Idle>) -> Self {
+        idle.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(Arc::clone(idle))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.start.elapsed().as_millis() as u64;
+        self.0
+            .last_ms
+            .store(now, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request [`InFlight`] until it is dropped.
+struct Tracked {
+    body: Full<Bytes>,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Requests in flight on one connection, and when the last one ended.
 struct Idle {
     start: std::time::Instant,
@@ -206,18 +259,6 @@ impl Idle {
             in_flight: Default::default(),
             last_ms: Default::default(),
         }
-    }
-
-    fn begin(&self) {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn end(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(now, std::sync::atomic::Ordering::SeqCst);
-        self.in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Resolves once no request has been in flight for `limit`.
@@ -424,6 +465,49 @@ fn with_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_once_every_request_and_body_is_gone() {
+        let limit = Duration::from_millis(200);
+        let expired = |idle: &Arc<Idle>| {
+            let idle = Arc::clone(idle);
+            async move { tokio::time::timeout(Duration::from_secs(2), idle.expired(limit)).await }
+        };
+        // A response body not yet sent keeps the connection busy.
+        let idle = Arc::new(Idle::new());
+        let request = InFlight::begin(&idle);
+        let body = Tracked {
+            body: Full::new(Bytes::from_static(b"page")),
+            _in_flight: request,
+        };
+        let started = std::time::Instant::now();
+        let waiting = tokio::spawn(expired(&idle));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !waiting.is_finished(),
+            "idle while a response body was unsent"
+        );
+        drop(body);
+        assert!(
+            waiting.await.expect("joins").is_ok(),
+            "never idle after the body went"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(700));
+        // A request future dropped before it ends (an HTTP/2 stream reset) leaves nothing in
+        // flight.
+        let idle = Arc::new(Idle::new());
+        let future = {
+            let in_flight = InFlight::begin(&idle);
+            async move {
+                let _in_flight = in_flight;
+                std::future::pending::<()>().await;
+            }
+        };
+        assert_eq!(idle.in_flight.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(future);
+        assert_eq!(idle.in_flight.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(expired(&idle).await.is_ok());
+    }
 
     fn with_accept(values: &[&str]) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -391,6 +391,8 @@ fn client_allowed_sans_admits_only_certificates_naming_an_allowed_san() -> Resul
         let r = c.get(&ns, agent_addr(), "/metrics").map(|r| r.status);
         assert!(r.is_err(), "{who} was served: {r:?}");
     }
+    // Still serving: the refusals were the check's, not a dead agent's.
+    assert_eq!(by_dns.get(&ns, agent_addr(), "/metrics")?.status, 200);
     let log = agent.log();
     assert!(
         log.contains("none of its subject alternative names is in client_allowed_sans"),

@@ -290,11 +290,15 @@ fn check_tls(tls: &TlsServerConfig) -> Result<(), ConfigError> {
                  list the allowed names or leave it out",
             );
         }
-        Some(_) if tls.client_auth_type == ClientAuthType::NoClientCert => {
-            return err(
-                "tls_server_config: client_allowed_sans needs client certificates; \
-                 set client_auth_type: RequireAndVerifyClientCert and client_ca_file",
-            );
+        // Unverified certificates (RequestClientCert, RequireAnyClientCert) can name any
+        // SAN their maker likes: matching them would protect nothing.
+        Some(_) if !tls.client_auth_type.verifies() => {
+            return err(format!(
+                "tls_server_config: client_allowed_sans needs verified client certificates, \
+                 not client_auth_type {:?}; set client_auth_type: RequireAndVerifyClientCert \
+                 and client_ca_file",
+                tls.client_auth_type
+            ));
         }
         _ => {}
     }
@@ -466,7 +470,11 @@ mod tests {
             ),
             (
                 "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_allowed_sans: [prometheus]\n",
-                "client_allowed_sans needs client certificates",
+                "client_allowed_sans needs verified client certificates, not client_auth_type NoClientCert",
+            ),
+            (
+                "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAnyClientCert\n  client_allowed_sans: [prometheus]\n",
+                "not client_auth_type RequireAnyClientCert",
             ),
             ("basic_auth_users:\n  u: plaintext\n", "not a bcrypt hash"),
             (

@@ -416,7 +416,7 @@ struct AllowedSans {
 }
 
 /// A certificate's subject alternative names as text: DNS names, e-mail addresses, IP
-/// addresses (an IPv4-mapped IPv6 one in its IPv4 form) and URIs.
+/// addresses (an IPv4-mapped IPv6 one in its IPv4 form) and URIs (scheme in lower case).
 fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
@@ -432,9 +432,12 @@ fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                Some((*s).to_owned())
-            }
+            GeneralName::DNSName(s) | GeneralName::RFC822Name(s) => Some((*s).to_owned()),
+            // The scheme in lower case, as other exporters' Go (`url.URL.String()`) writes it.
+            GeneralName::URI(s) => Some(match s.split_once(':') {
+                Some((scheme, rest)) => format!("{}:{rest}", scheme.to_ascii_lowercase()),
+                None => (*s).to_owned(),
+            }),
             GeneralName::IPAddress(bytes) => match *bytes {
                 [a, b, c, d] => Some(std::net::Ipv4Addr::new(*a, *b, *c, *d).to_string()),
                 _ => <[u8; 16]>::try_from(*bytes).ok().map(|v6| {
@@ -538,7 +541,7 @@ mod tests {
             rcgen::CertificateParams::new(vec!["scraper.example".to_owned()]).expect("params");
         params.subject_alt_names.extend([
             SanType::Rfc822Name("ops@example.org".try_into().expect("e-mail")),
-            SanType::URI("spiffe://example.org/prometheus".try_into().expect("uri")),
+            SanType::URI("SPIFFE://example.org/prometheus".try_into().expect("uri")),
             SanType::IpAddress([192, 0, 2, 7].into()),
             SanType::IpAddress("2001:db8::1".parse::<std::net::IpAddr>().expect("v6")),
             SanType::IpAddress(
