@@ -7,7 +7,16 @@
 //! headers (HTTP/2, negotiated over TLS: a connection idle that long is closed), for the TLS
 //! handshake and for each request, and a maximum age per connection.
 
-use std::{convert::Infallible, io::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -200,8 +209,7 @@ struct InFlight(Arc<Idle>);
 
 impl InFlight {
     fn begin(idle: &Arc<Idle>) -> Self {
-        idle.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        idle.in_flight.fetch_add(1, SeqCst);
         Self(Arc::clone(idle))
     }
 }
@@ -209,12 +217,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.0.start.elapsed().as_millis() as u64;
-        self.0
-            .last_ms
-            .store(now, std::sync::atomic::Ordering::SeqCst);
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.last_ms.store(now, SeqCst);
+        self.0.in_flight.fetch_sub(1, SeqCst);
     }
 }
 
@@ -246,16 +250,16 @@ impl hyper::body::Body for Tracked {
 
 /// Requests in flight on one connection, and when the last one ended.
 struct Idle {
-    start: std::time::Instant,
-    in_flight: std::sync::atomic::AtomicUsize,
+    start: Instant,
+    in_flight: AtomicUsize,
     /// Milliseconds from `start` to the end of the last request (or to `start`).
-    last_ms: std::sync::atomic::AtomicU64,
+    last_ms: AtomicU64,
 }
 
 impl Idle {
     fn new() -> Self {
         Self {
-            start: std::time::Instant::now(),
+            start: Instant::now(),
             in_flight: Default::default(),
             last_ms: Default::default(),
         }
@@ -264,15 +268,12 @@ impl Idle {
     /// Resolves once no request has been in flight for `limit`.
     async fn expired(&self, limit: Duration) {
         loop {
-            let last =
-                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::SeqCst));
+            let last = Duration::from_millis(self.last_ms.load(SeqCst));
             let due = self.start + last + limit;
-            if std::time::Instant::now() >= due
-                && self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
-            {
+            if Instant::now() >= due && self.in_flight.load(SeqCst) == 0 {
                 return;
             }
-            let wake = due.max(std::time::Instant::now() + Duration::from_millis(100));
+            let wake = due.max(Instant::now() + Duration::from_millis(100));
             tokio::time::sleep_until(wake.into()).await;
         }
     }
@@ -480,7 +481,7 @@ mod tests {
             body: Full::new(Bytes::from_static(b"page")),
             _in_flight: request,
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let waiting = tokio::spawn(expired(&idle));
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
@@ -503,9 +504,9 @@ mod tests {
                 std::future::pending::<()>().await;
             }
         };
-        assert_eq!(idle.in_flight.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(idle.in_flight.load(SeqCst), 1);
         drop(future);
-        assert_eq!(idle.in_flight.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(idle.in_flight.load(SeqCst), 0);
         assert!(expired(&idle).await.is_ok());
     }
 

@@ -162,63 +162,99 @@ fn in_runtime<T: Send>(
     })?
 }
 
-/// One GET of `path` over TLS offering the ALPN protocols `offer`, with hyper's client for
-/// the protocol negotiated: (that protocol, status, body).
+/// A client connection to the agent over TLS, with hyper's client for the protocol that
+/// TLS negotiated.
+enum AgentConnection {
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+/// Opens a connection with `connector` (inside a runtime): the connection, the protocol
+/// negotiated, and the task driving the connection, which ends when the agent closes it.
+async fn connect_agent(
+    connector: tokio_rustls::TlsConnector,
+) -> Result<(
+    AgentConnection,
+    Option<Vec<u8>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let addr = agent_addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = connector.connect(addr.ip().into(), tcp).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let io = TokioIo::new(tls);
+    Ok(if alpn.as_deref() == Some(b"h2") {
+        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        (
+            AgentConnection::H2(send),
+            alpn,
+            tokio::spawn(async { drop(conn.await) }),
+        )
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        (
+            AgentConnection::H1(send),
+            alpn,
+            tokio::spawn(async { drop(conn.await) }),
+        )
+    })
+}
+
+impl AgentConnection {
+    /// GET `path`: (status, body).
+    async fn get(&mut self, path: &str) -> Result<(u16, String)> {
+        use http_body_util::{BodyExt as _, Empty};
+        let addr = agent_addr();
+        let response = match self {
+            Self::H2(send) => {
+                let request =
+                    hyper::Request::get(format!("https://{addr}{path}")).body(Empty::new())?;
+                send.send_request(request).await?
+            }
+            Self::H1(send) => {
+                let request = hyper::Request::get(path)
+                    .header("host", addr.to_string())
+                    .body(Empty::new())?;
+                send.send_request(request).await?
+            }
+        };
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// One GET of `path` over TLS offering the ALPN protocols `offer`: (the protocol
+/// negotiated, status, body).
 fn alpn_get(
     ns: &Netns,
     pki: &Pki,
     offer: &[&[u8]],
     path: &str,
 ) -> Result<(Option<Vec<u8>>, u16, String)> {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let connector = alpn_connector(pki, offer)?;
-    let addr = agent_addr();
     in_runtime(ns, async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let tls = connector.connect(addr.ip().into(), tcp).await?;
-        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let io = TokioIo::new(tls);
-        let response = if alpn.as_deref() == Some(b"h2") {
-            let (mut send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-            tokio::spawn(conn);
-            let request = hyper::Request::get(format!("https://{addr}{path}"))
-                .body(Empty::<bytes::Bytes>::new())?;
-            send.send_request(request).await?
-        } else {
-            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
-            tokio::spawn(conn);
-            let request = hyper::Request::get(path)
-                .header("host", addr.to_string())
-                .body(Empty::<bytes::Bytes>::new())?;
-            send.send_request(request).await?
-        };
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((alpn, status, String::from_utf8_lossy(&body).into_owned()))
+        let (mut conn, alpn, _) = connect_agent(connector).await?;
+        let (status, body) = conn.get(path).await?;
+        Ok((alpn, status, body))
     })
 }
 
 /// How long the agent keeps an HTTP/2 connection open after one request, idle (None: still
 /// open after `limit`).
 fn h2_idle_lifetime(ns: &Netns, pki: &Pki, limit: Duration) -> Result<Option<Duration>> {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let connector = alpn_connector(pki, &[b"h2"])?;
-    let addr = agent_addr();
     in_runtime(ns, async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let tls = connector.connect(addr.ip().into(), tcp).await?;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-        let conn = tokio::spawn(conn);
-        let request = hyper::Request::get(format!("https://{addr}/healthz"))
-            .body(Empty::<bytes::Bytes>::new())?;
-        let status = send.send_request(request).await?.status();
+        let (mut conn, alpn, driver) = connect_agent(connector).await?;
+        anyhow::ensure!(
+            alpn.as_deref() == Some(b"h2"),
+            "HTTP/2 not negotiated: {alpn:?}"
+        );
+        let (status, _) = conn.get("/healthz").await?;
         anyhow::ensure!(status == 200, "healthz over HTTP/2: {status}");
         let idle_since = Instant::now();
-        Ok(tokio::time::timeout(limit, conn)
+        Ok(tokio::time::timeout(limit, driver)
             .await
             .ok()
             .map(|_| idle_since.elapsed()))
