@@ -22,13 +22,13 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
-const BPF_CGROUP_INET_INGRESS: u32 = 0;
+pub(crate) const BPF_CGROUP_INET_INGRESS: u32 = 0;
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 
 /// The size of `union bpf_attr` we pass: large enough for every command used here.
-const ATTR_SIZE: usize = 128;
+pub(crate) const ATTR_SIZE: usize = 128;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded bpf_attr of ATTR_SIZE bytes for `cmd`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE) };
     if rc < 0 {
@@ -38,27 +38,53 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long
     }
 }
 
-fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u32) {
+pub(crate) fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u32) {
     attr[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u64) {
+pub(crate) fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u64) {
     attr[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn fd(rc: libc::c_long) -> OwnedFd {
+pub(crate) fn fd(rc: libc::c_long) -> OwnedFd {
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(rc as RawFd) }
 }
 
 /// One BPF instruction: opcode, dst/src registers, offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let mut b = [0u8; 8];
     b[0] = code;
     b[1] = (src << 4) | dst;
     b[2..4].copy_from_slice(&off.to_ne_bytes());
     b[4..8].copy_from_slice(&imm.to_ne_bytes());
     u64::from_ne_bytes(b)
+}
+
+/// Loads `program` (instructions as [`insn`] makes them) as a GPL program of type
+/// `prog_type`, expected at `attach_type`; a refusal carries the verifier's log.
+pub(crate) fn load_program(prog_type: u32, attach_type: u32, program: &[u64]) -> Result<OwnedFd> {
+    let license = CString::new("GPL").expect("no NUL");
+    let mut log = vec![0u8; 4096];
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, prog_type);
+    put_u32(&mut attr, 4, program.len() as u32);
+    put_u64(&mut attr, 8, program.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    put_u32(&mut attr, 24, 1); // log level
+    put_u32(&mut attr, 28, log.len() as u32);
+    put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
+    put_u32(&mut attr, 68, attach_type); // expected_attach_type
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(rc) => Ok(fd(rc)),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            bail!(
+                "BPF_PROG_LOAD: {e}; verifier: {}",
+                String::from_utf8_lossy(&log[..end])
+            );
+        }
+    }
 }
 
 /// A loaded cgroup_skb ingress program counting packets into a one-element array.
@@ -92,27 +118,7 @@ impl CountingProgram {
             insn(0xb7, 0, 0, 0, 1),      // pass: r0 = 1 (let the packet through)
             insn(0x95, 0, 0, 0, 0),      // exit
         ];
-        let license = CString::new("GPL").expect("no NUL");
-        let mut log = vec![0u8; 4096];
-        let mut attr = [0u8; ATTR_SIZE];
-        put_u32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SKB);
-        put_u32(&mut attr, 4, program.len() as u32);
-        put_u64(&mut attr, 8, program.as_ptr() as u64);
-        put_u64(&mut attr, 16, license.as_ptr() as u64);
-        put_u32(&mut attr, 24, 1); // log level
-        put_u32(&mut attr, 28, log.len() as u32);
-        put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
-        put_u32(&mut attr, 68, BPF_CGROUP_INET_INGRESS); // expected_attach_type
-        let prog = match bpf(BPF_PROG_LOAD, &mut attr) {
-            Ok(rc) => fd(rc),
-            Err(e) => {
-                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-                bail!(
-                    "BPF_PROG_LOAD: {e}; verifier: {}",
-                    String::from_utf8_lossy(&log[..end])
-                );
-            }
-        };
+        let prog = load_program(BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS, &program)?;
         Ok(Self { map, prog })
     }
 

@@ -12,6 +12,8 @@
 //! - [`connect_closed_port`], [`tcp_pair`]: traffic helpers for use inside [`Netns::run`].
 //! - [`Netns::veth_pair`], [`Netns::add_address`], [`Netns::add_route`]…: links, addresses,
 //!   routes and neighbours over rtnetlink; [`Netns::tcp_sockets`]: `/proc/net/tcp{,6}`.
+//! - [`EmptyPrograms`], [`EmptyTap`]: do-nothing programs on the agent's hooks ([`AgentHooks`]),
+//!   the benchmarks' floor.
 //! - [`syn_flood`]: a raw-socket SYN generator with spoofed sources (IPv4, IPv6).
 //! - [`VethLab`] and the listen-backlog scenarios [`accept_overflow`], [`syn_queue_fill`],
 //!   [`ack_stage_overflow`], each checked against the kernel's counters in `tests/`.
@@ -25,6 +27,7 @@
 mod agent;
 mod cgroup_bpf;
 mod counters;
+mod hook_floor;
 mod http;
 mod metrics;
 mod netns;
@@ -44,6 +47,7 @@ use anyhow::{Result, bail};
 pub use agent::{AgentProcess, HealthProbe};
 pub use cgroup_bpf::{Cgroup, CgroupLink, CountingProgram, cgroup_ingress_programs};
 pub use counters::{Counters, Sockstat};
+pub use hook_floor::{AgentHooks, EmptyPrograms, EmptyTap, cgroup2_root, root_ingress_programs};
 pub use http::{http_get, http_get_timeout};
 pub use metrics::{Metrics, Sample};
 pub use netns::{NamedNetns, Netns, NetnsGuard};

@@ -6,15 +6,17 @@
 //! disturbs the host's network. Every load loop is bounded in count and in time.
 //!
 //! - `resets`: a bounded reset storm, N connects to a closed port on 127.0.0.1, each refused
-//!   by the kernel with an RST, timed in rounds alternating without and with the agent (ABBA,
-//!   so drift hits both alike). The probes run in the connecting thread, so their cost shows
-//!   as fewer connects/s: the ratio with/without of the medians is the figure (target ≥ 0.97).
+//!   by the kernel with an RST, timed in rounds without the agent, with only programs that
+//!   return at once on the agent's hooks ("hooks only", the floor: what the kernel's call
+//!   into any program there costs) and with the agent, then in reverse order, so drift hits
+//!   all alike. The probes run in the connecting thread, so their cost shows as fewer
+//!   connects/s: the ratio with/without of the medians is the figure (target ≥ 0.97).
 //!   Every with-agent round also checks that the agent counted each reset (its `no_socket`
 //!   delta = the namespace's `TcpOutRsts` delta = N). Then, with the agent still running and
 //!   its maps filled, /metrics latency over K scrapes, and the agent's RSS and CPU time.
 //! - `churn`: connection churn on loopback, each connection connect + accept + close, timed
-//!   in rounds ABBA without/with the agent (target ratio ≥ 0.97), each round against a new
-//!   listener; every with-agent round checks the agent's handshake count for the listener
+//!   in rounds without, hooks only and with the agent, then reversed (target ratio ≥ 0.97),
+//!   each round against a new listener; every with-agent round checks the agent's handshake count for the listener
 //!   against `TcpPassiveOpens`.
 //! - `synflood`: a paced SYN flood from spoofed sources over a veth lab, against a listener
 //!   with backlog 128 and `tcp_syncookies=1`, the agent scraped every 10 s meanwhile: its
@@ -33,7 +35,8 @@
 //!   (the first, uncached bcrypt and the cached ones), one agent reloading its web config.
 //! - `filters`: a bounded UDP stream over a veth pair without the agent, with its built-in
 //!   TCP segment classifier (`--iface`) and with ten count-only named filters, in rounds
-//!   A B C C B A (target ratio ≥ 0.95; each stream with filters checks one filter's count,
+//!   A T B C C B T A, T a packet tap whose filter returns at once (the floor) (target ratio
+//!   ≥ 0.95; each stream with filters checks one filter's count,
 //!   each series that the receiver dropped nothing); 64-byte datagrams, then a labelled
 //!   second series of full-MTU ones; then `sockscope capture` and tcpdump on the same
 //!   stream: packets captured, dropped, CPU time.

@@ -5,11 +5,14 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use testkit::{AgentProcess, Metrics, Netns};
+use testkit::{AgentHooks, AgentProcess, EmptyPrograms, Metrics, Netns};
 
 use crate::Args;
 use crate::listeners::AGENT_LISTEN;
-use crate::measure::{Rates, cpu_time, foreign_agents, median, print_round_ratios, verdict};
+use crate::measure::{
+    Rates, agent_hooks, cpu_time, foreign_agents, median, print_floor_note, print_round_ratios,
+    verdict,
+};
 
 /// The ratio with/without the agent that the churn should reach.
 pub const TARGET_RATIO: f64 = 0.97;
@@ -99,6 +102,12 @@ impl ChurnLab {
         )
     }
 
+    /// A round with do-nothing programs on the agent's hooks.
+    pub fn floor_round(&self, hooks: &AgentHooks, n: u64, limit: Duration) -> Result<Round> {
+        let _empty = EmptyPrograms::attach(hooks)?;
+        self.round(n, limit)
+    }
+
     /// A round with the agent running, checked: the agent's handshake delta for the
     /// listener and the namespace's `TcpPassiveOpens` delta must both equal the connections.
     pub fn checked_round(&self, agent: &AgentProcess, n: u64, limit: Duration) -> Result<Checked> {
@@ -150,16 +159,19 @@ impl Checked {
 pub fn run(args: &Args) -> Result<Vec<String>> {
     let n = args.churn_connections;
     let limit = Duration::from_secs(args.timeout);
-    let lab = ChurnLab::new(n * (2 * u64::from(args.rounds) + 1))?;
+    let lab = ChurnLab::new(n * (3 * u64::from(args.rounds) + 1))?;
     lab.round(n.min(WARMUP), limit).context("warm-up churn")?;
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let hooks = agent_hooks(&lab.ns, &args.agent, AGENT_LISTEN).context("the agent's hooks")?;
+    let (mut without, mut floor, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     for i in 0..args.rounds {
-        // ABBA: drift over the run (the namespace's timewait table grows) hits both alike.
+        // Without, hooks only, with; then with, hooks only, without: drift over the run (the
+        // namespace's timewait table grows) hits all three alike.
         let agent_first = i % 2 == 1;
         if !agent_first {
             foreign.extend(foreign_agents(None));
             without.push(lab.round(n, limit)?);
+            floor.push(lab.floor_round(&hooks, n, limit)?);
         }
         {
             // Stopped at the end of this block: a "without" round has no probes.
@@ -169,19 +181,23 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         }
         if agent_first {
             foreign.extend(foreign_agents(None));
+            floor.push(lab.floor_round(&hooks, n, limit)?);
             without.push(lab.round(n, limit)?);
         }
     }
 
     println!(
-        "== churn: {n} connections (connect + accept + close) on loopback, {} rounds each, ABBA ==",
+        "== churn: {n} connections (connect + accept + close) on loopback, {} rounds each \
+         (without, hooks only, with; then reversed) ==",
         args.rounds
     );
     let rates_without = Rates(without.iter().map(Round::rate).collect());
+    let rates_floor = Rates(floor.iter().map(Round::rate).collect());
     let rates_with = Rates(with.iter().map(|w| w.round.rate()).collect());
     println!("{:<17}{:<13}{:<19}(connections/s)", "", "median", "min–max");
     for (label, rates) in [
         ("without agent", &rates_without),
+        ("hooks only", &rates_floor),
         ("with agent", &rates_with),
     ] {
         println!("{label:<17}{:<13.0}{}", rates.median(), rates.spread());
@@ -192,8 +208,25 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         "ratio",
         verdict(ratio >= TARGET_RATIO)
     );
-    print_round_ratios(&rates_without.0, &rates_with.0);
-    let rounds = without.iter().chain(with.iter().map(|w| &w.round));
+    print_round_ratios(
+        "round ratios",
+        &rates_without.0,
+        &rates_with.0,
+        "with/without",
+    );
+    let ratio_floor = rates_floor.median() / rates_without.median();
+    println!(
+        "{:<17}{ratio_floor:<13.3}the best any programs on these hooks can do here",
+        "ratio hooks only"
+    );
+    print_round_ratios(
+        "round ratios",
+        &rates_without.0,
+        &rates_floor.0,
+        "hooks only/without",
+    );
+    print_floor_note(&hooks);
+    let rounds = (without.iter().chain(&floor)).chain(with.iter().map(|w| &w.round));
     let truncated = rounds.filter(|r| r.connections < n).count();
     if truncated > 0 {
         println!(

@@ -5,10 +5,12 @@
 //! delivers in the sender's context, so every packet tap on A's end (the agent's packet
 //! sockets, a capture) slows the sender down: datagrams sent per second is the figure. Each
 //! round streams without the agent (A), with only the built-in TCP segment classifier
-//! (`--iface`, B) and with it and ten count-only named filters (C), in the order A B C C B
-//! A, so that a drift of the machine's speed hits the three alike; a configuration's rate in
-//! the round is the mean of its two streams. The receiver's buffer is raised far above what
-//! a stream leaves queued between two drains (SO_RCVBUFFORCE), so no datagram is dropped at
+//! (`--iface`, B) and with it and ten count-only named filters (C), in the order A T B C C B
+//! T A, so that a drift of the machine's speed hits all alike; T is the floor, a packet socket
+//! on the interface whose socket filter returns at once (what any tap costs, before its
+//! filter does any work); a configuration's rate in the round is the mean of its two streams.
+//! The receiver's buffer is raised far above what a stream leaves queued between two drains
+//! (SO_RCVBUFFORCE), so no datagram is dropped at
 //! the socket (a drop would run the kernel's drop tracepoints, which the agent's other probes
 //! watch): `UdpRcvbufErrors` in A's namespace is checked to stay 0. Every with-filter stream
 //! checks that the filter `udp_stream` counted each datagram. A second, shorter series does
@@ -21,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use testkit::{AgentProcess, ChildGuard, Netns, wait_until};
+use testkit::{AgentProcess, ChildGuard, EmptyTap, Netns, wait_until};
 
 use crate::Args;
 use crate::listeners::AGENT_LISTEN;
@@ -129,6 +131,8 @@ impl Lab {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Config {
     NoAgent,
+    /// A packet socket on the interface with a filter that returns at once: the floor.
+    Tap,
     Classifier,
     TenFilters,
 }
@@ -136,19 +140,22 @@ enum Config {
 /// Rates per configuration of one series, and what went wrong.
 struct Series {
     none: Vec<f64>,
+    tap: Vec<f64>,
     builtin: Vec<f64>,
     ten: Vec<f64>,
     /// `UdpRcvbufErrors` over the series.
     receiver_drops: u64,
 }
 
-/// One series of `rounds` rounds of `n` datagrams of `size` bytes, each round A B C C B A.
+/// One series of `rounds` rounds of `n` datagrams of `size` bytes, each round A T B C C B T A
+/// (T: the empty tap).
 fn series(args: &Args, lab: &Lab, n: u64, size: usize, broken: &mut Vec<String>) -> Result<Series> {
     let limit = Duration::from_secs(args.timeout);
     lab.stream(n.min(20_000), size, limit)?; // warm-up
     let drops_before = lab.rcvbuf_errors()?;
     let mut out = Series {
         none: Vec::new(),
+        tap: Vec::new(),
         builtin: Vec::new(),
         ten: Vec::new(),
         receiver_drops: 0,
@@ -157,10 +164,15 @@ fn series(args: &Args, lab: &Lab, n: u64, size: usize, broken: &mut Vec<String>)
     for round in 0..args.rounds {
         let mut rates: Vec<(Config, f64)> = Vec::new();
         for config in [
-            NoAgent, Classifier, TenFilters, TenFilters, Classifier, NoAgent,
+            NoAgent, Tap, Classifier, TenFilters, TenFilters, Classifier, Tap, NoAgent,
         ] {
             let rate = match config {
                 NoAgent => {
+                    let (sent, wall) = lab.stream(n, size, limit)?;
+                    sent as f64 / wall.as_secs_f64()
+                }
+                Tap => {
+                    let _tap = lab.a.run(|| EmptyTap::open(&lab.iface))??;
                     let (sent, wall) = lab.stream(n, size, limit)?;
                     sent as f64 / wall.as_secs_f64()
                 }
@@ -200,6 +212,7 @@ fn series(args: &Args, lab: &Lab, n: u64, size: usize, broken: &mut Vec<String>)
             of.iter().sum::<f64>() / of.len() as f64
         };
         out.none.push(mean(NoAgent));
+        out.tap.push(mean(Tap));
         out.builtin.push(mean(Classifier));
         out.ten.push(mean(TenFilters));
     }
@@ -214,10 +227,12 @@ fn series(args: &Args, lab: &Lab, n: u64, size: usize, broken: &mut Vec<String>)
 }
 
 fn print_series(s: Series) {
-    let (none, builtin, ten) = (Rates(s.none), Rates(s.builtin), Rates(s.ten));
+    let (none, tap) = (Rates(s.none), Rates(s.tap));
+    let (builtin, ten) = (Rates(s.builtin), Rates(s.ten));
     println!("{:<34}{:<13}{:<19}(datagrams/s)", "", "median", "min–max");
     for (label, rates) in [
         ("no filter", &none),
+        ("packet tap, empty filter", &tap),
         ("built-in classifier (--iface)", &builtin),
         ("classifier + ten named filters", &ten),
     ] {
@@ -233,6 +248,11 @@ fn print_series(s: Series) {
             verdict(ratio >= TARGET_RATIO)
         );
     }
+    println!(
+        "ratio {:<28}{:.3} (the best any socket filter can do here)",
+        "packet tap, empty filter",
+        tap.median() / none.median()
+    );
     println!(
         "receiver drops (UdpRcvbufErrors in the receiving namespace): {}",
         s.receiver_drops
@@ -266,8 +286,8 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let limit = Duration::from_secs(args.timeout);
     let n = args.filter_packets;
     println!(
-        "filters: {n} UDP datagrams of {PAYLOAD} bytes per stream over a veth pair, {} rounds of A B C C B A \
-         (A no agent, B classifier, C classifier + ten filters)",
+        "filters: {n} UDP datagrams of {PAYLOAD} bytes per stream over a veth pair, {} rounds of A T B C C B T A \
+         (A no agent, T a packet tap whose filter returns at once, B classifier, C classifier + ten filters)",
         args.rounds
     );
     let small = series(args, &lab, n, PAYLOAD, &mut broken)?;

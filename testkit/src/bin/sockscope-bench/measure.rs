@@ -78,16 +78,36 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
         })
 }
 
-/// Prints each round's own ratio with/without (the two streams of a round run back to back,
-/// so a drift of the machine's speed between rounds cancels out): their median and spread,
-/// beside the ratio of the medians.
-pub fn print_round_ratios(without: &[f64], with: &[f64]) {
+/// Prints each round's own ratio `label` (the streams of a round run back to back, so a
+/// drift of the machine's speed between rounds cancels out): their median and spread, beside
+/// the ratio of the medians.
+pub fn print_round_ratios(label: &str, without: &[f64], with: &[f64], what: &str) {
     let ratios: Vec<f64> = with.iter().zip(without).map(|(w, wo)| w / wo).collect();
     let (lo, hi) = min_max(&ratios);
     println!(
-        "{:<17}{:<13.3}{lo:.3}–{hi:.3}  (each round's with/without)",
-        "round ratios",
+        "{label:<17}{:<13.3}{lo:.3}–{hi:.3}  (each round's {what})",
         median(&ratios)
+    );
+}
+
+/// The hooks the agent attaches with its defaults in `ns`, read from an agent started for
+/// the purpose and stopped again: where the floor rounds attach their empty programs.
+pub fn agent_hooks(
+    ns: &testkit::Netns,
+    agent: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> Result<testkit::AgentHooks> {
+    let before = testkit::root_ingress_programs()?;
+    let agent = testkit::AgentProcess::start(ns, agent, &[], listen)?;
+    testkit::AgentHooks::of(agent.pid(), &before)
+}
+
+/// The floor's line under a table: what it is and what it attached.
+pub fn print_floor_note(hooks: &testkit::AgentHooks) {
+    println!(
+        "(hooks only: programs that return at once, on the agent's hooks ({}): what calling \
+         any program there costs this kernel, before the agent's do any work)",
+        hooks.describe()
     );
 }
 

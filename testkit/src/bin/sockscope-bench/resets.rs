@@ -6,11 +6,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use testkit::{AgentProcess, Metrics, Netns};
+use testkit::{AgentHooks, AgentProcess, EmptyPrograms, Metrics, Netns};
 
 use crate::Args;
 use crate::measure::{
-    cpu_time, foreign_agents, median, min_max, percentile, print_round_ratios, rss_kib, time,
+    agent_hooks, cpu_time, foreign_agents, median, min_max, percentile, print_floor_note,
+    print_round_ratios, rss_kib, time,
 };
 
 /// Where the agent listens, inside the benchmark's namespace.
@@ -48,17 +49,20 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let ns = Netns::new()?;
     let limit = Duration::from_secs(args.timeout);
     storm(&ns, args.connects.min(WARMUP), limit).context("warm-up storm")?;
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let hooks = agent_hooks(&ns, &args.agent, AGENT_LISTEN).context("the agent's hooks")?;
+    let (mut without, mut floor, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     let mut kept = None;
     for i in 0..args.rounds {
-        // ABBA: drift over the run hits both alike.
+        // Without, hooks only, with; then with, hooks only, without: drift over the run hits
+        // all three alike.
         let agent_first = i % 2 == 1;
         // Stop the last round's agent first: its probes are global.
         drop(kept.take());
         if !agent_first {
             foreign.extend(foreign_agents(None));
             without.push(storm(&ns, args.connects, limit)?);
+            floor.push(floor_round(&ns, &hooks, args.connects, limit)?);
         }
         let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
         with.push(with_round(&ns, &agent, args.connects, limit)?);
@@ -66,6 +70,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         if agent_first {
             drop(agent);
             foreign.extend(foreign_agents(None));
+            floor.push(floor_round(&ns, &hooks, args.connects, limit)?);
             without.push(storm(&ns, args.connects, limit)?);
         } else {
             kept = Some(agent);
@@ -84,7 +89,8 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         bail!("no rounds ran");
     };
     let rss_storm = rss_kib(agent.pid())?;
-    let broken = print_storm(args, &without, &with, &foreign);
+    let broken = print_storm(args, &without, &floor, &with, &foreign);
+    print_floor_note(&hooks);
     print_latency(&ns, &agent, args.scrapes, limit)?;
     let cpu: Vec<f64> = (with.iter())
         .map(|w| 100.0 * w.cpu.as_secs_f64() / w.round.wall.as_secs_f64().max(1e-9))
@@ -106,18 +112,21 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
 fn print_storm(
     args: &Args,
     without: &[Round],
+    floor: &[Round],
     with: &[WithRound],
     foreign: &BTreeSet<u32>,
 ) -> Vec<String> {
     println!(
-        "== reset storm: {} connects to a closed port, {} rounds each, ABBA ==",
+        "== reset storm: {} connects to a closed port, {} rounds each (without, hooks only, with; then reversed) ==",
         args.connects, args.rounds
     );
     let rates_without: Vec<f64> = without.iter().map(Round::rate).collect();
+    let rates_floor: Vec<f64> = floor.iter().map(Round::rate).collect();
     let rates_with: Vec<f64> = with.iter().map(|w| w.round.rate()).collect();
     println!("{:<17}{:<13}{:<19}(connects/s)", "", "median", "min–max");
     for (label, rates) in [
         ("without agent", &rates_without),
+        ("hooks only", &rates_floor),
         ("with agent", &rates_with),
     ] {
         let (lo, hi) = min_max(rates);
@@ -130,8 +139,19 @@ fn print_storm(
         "not met"
     };
     println!("{:<17}{ratio:<13.3}target ≥ {TARGET_RATIO}: {met}", "ratio");
-    print_round_ratios(&rates_without, &rates_with);
-    let rounds = without.iter().chain(with.iter().map(|w| &w.round));
+    print_round_ratios("round ratios", &rates_without, &rates_with, "with/without");
+    let ratio_floor = median(&rates_floor) / median(&rates_without);
+    println!(
+        "{:<17}{ratio_floor:<13.3}the best any programs on these hooks can do here",
+        "ratio hooks only"
+    );
+    print_round_ratios(
+        "round ratios",
+        &rates_without,
+        &rates_floor,
+        "hooks only/without",
+    );
+    let rounds = (without.iter().chain(floor)).chain(with.iter().map(|w| &w.round));
     let truncated = rounds.filter(|r| r.connects < args.connects).count();
     if truncated > 0 {
         println!(
@@ -204,6 +224,12 @@ fn print_latency(ns: &Netns, agent: &AgentProcess, k: u32, limit: Duration) -> R
         times.len()
     );
     Ok(())
+}
+
+/// A storm with do-nothing programs on the agent's hooks.
+fn floor_round(ns: &Netns, hooks: &AgentHooks, n: u64, limit: Duration) -> Result<Round> {
+    let _empty = EmptyPrograms::attach(hooks)?;
+    storm(ns, n, limit)
 }
 
 /// A storm with the agent attached, with the agent's and the kernel's reset counts around it.
