@@ -6,11 +6,14 @@
 //! Register use: R6 the context, R7 the accumulator A, R8 the index register X, R9 how many
 //! bytes of the packet's head were read ahead; classic scratch memory M[0..16] lives on the
 //! stack (zeroed first, as the verifier wants). The first `HEAD_BYTES` (128) bytes of the
-//! packet are read once with `bpf_skb_load_bytes`; every load (`ld [k]`, `ld [x + k]`,
-//! `ldxb 4*([k]&0xf)`) that falls within them is served from the stack, the one at `x + k`
-//! with a variable stack offset bounded first (privileged programs only); the others call
-//! the helper (out of bounds: the classic program's "return 0"). 32-bit ALU and JMP32 keep
-//! the classic program's unsigned 32-bit arithmetic.
+//! packet are read once with `bpf_skb_load_bytes`, 2 bytes past an 8-byte boundary so that
+//! the IP header's fields are aligned; every load (`ld [k]`, `ld [x + k]`,
+//! `ldxb 4*([k]&0xf)`) that falls within them is served from the stack (one aligned load
+//! where the offset allows, else byte by byte), the one at `x + k` with a variable stack
+//! offset bounded first (privileged programs only). A load within the first `HEAD_BYTES`
+//! that the head does not hold lies past the packet's end: the classic program's "return
+//! 0", at once; loads beyond them call the helper (out of bounds: "return 0" too). 32-bit
+//! ALU and JMP32 keep the classic program's unsigned 32-bit arithmetic.
 //! Supported ancillary loads: protocol, pkttype, ifindex and the VLAN ones libpcap uses on
 //! Linux; anything else is refused and the filter keeps counting packets only.
 
@@ -108,10 +111,18 @@ const PSEUDO_MAP_FD: u8 = 1;
 const MEM_BASE: i16 = -64;
 const BUF: i16 = -72;
 const KEY: i16 = -80;
-/// The first [`HEAD_BYTES`] of the packet, read once per packet at fp-208.
-const HEAD: i16 = -208;
+/// The stack area the first [`HEAD_BYTES`] of the packet are read into once per packet:
+/// fp-216 to fp-80, zeroed first.
+const HEAD: i16 = -216;
+/// Where the packet's first byte lies in it: 2 bytes past an 8-byte boundary, so that an
+/// Ethernet frame's network header (byte 14) starts on one and its 2- and 4-byte fields
+/// (addresses, ports, EtherType) are aligned stack loads, one instruction each; the verifier
+/// allows no unaligned stack load, so others are assembled byte by byte.
+const PKT: i16 = HEAD + 2;
 /// How much of the packet is read ahead: what libpcap's fixed-offset loads mostly reach.
 const HEAD_BYTES: i32 = 128;
+/// 8-byte stores that zero the head's area.
+const HEAD_WORDS: i16 = (HEAD_BYTES as i16 + 2 + 7) / 8;
 const E_OR: u8 = 0x40;
 const E_JLT: u8 = 0xa0;
 const E_JGT: u8 = 0x20;
@@ -188,7 +199,10 @@ impl Emitter {
     }
 
     /// A = packet bytes at the fixed offset `k`: from the head read ahead when they lie in
-    /// it (R9 = how many bytes it holds), else through the helper.
+    /// it (R9 = how many bytes it holds), else through the helper. Bytes within
+    /// [`HEAD_BYTES`] that the head does not hold lie past the packet's end (R9 is its
+    /// length then; the head's read cannot fail for that length): the classic program's
+    /// "return 0" at once.
     fn load_fixed(&mut self, k: i32, size: u8) {
         let end = k + i32::from(size);
         if end > HEAD_BYTES {
@@ -196,18 +210,42 @@ impl Emitter {
             self.load_packet(size);
             return;
         }
-        let to_slow = self.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, end));
-        self.head_bytes(FP, HEAD + k as i16, size);
-        let to_done = self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0));
-        self.land(to_slow);
-        self.push(insn(E_ALU64 | E_MOV, R2, 0, 0, k));
-        self.load_packet(size);
-        self.land(to_done);
+        self.jump(
+            insn(E_JMP | E_JLT, R9, 0, 0, end),
+            Target::Drop(self.program),
+        );
+        self.head_load(PKT + k as i16, size);
+    }
+
+    /// A = the `size` bytes at fp + `off` (in the head), big-endian: aligned loads where
+    /// the offset allows, else byte by byte.
+    fn head_load(&mut self, off: i16, size: u8) {
+        let aligned = |n: i16| off.rem_euclid(n) == 0;
+        match size {
+            2 if aligned(2) => {
+                self.push(insn(E_LDX | E_MEM | E_SZ_H, RA, FP, off, 0));
+                self.push(insn(E_ALU | E_END | E_TO_BE, RA, 0, 0, 16));
+            }
+            4 if aligned(4) => {
+                self.push(insn(E_LDX | E_MEM | E_SZ_W, RA, FP, off, 0));
+                self.push(insn(E_ALU | E_END | E_TO_BE, RA, 0, 0, 32));
+            }
+            4 if aligned(2) => {
+                self.push(insn(E_LDX | E_MEM | E_SZ_H, RA, FP, off, 0));
+                self.push(insn(E_ALU | E_END | E_TO_BE, RA, 0, 0, 16));
+                self.push(insn(E_ALU | E_LSH, RA, 0, 0, 16));
+                self.push(insn(E_LDX | E_MEM | E_SZ_H, R1, FP, off + 2, 0));
+                self.push(insn(E_ALU | E_END | E_TO_BE, R1, 0, 0, 16));
+                self.push(insn(E_ALU | E_OR | E_SRC_X, RA, R1, 0, 0));
+            }
+            _ => self.head_bytes(FP, off, size),
+        }
     }
 
     /// A = packet bytes at X + k (the 32-bit sum, as the kernel computes it): from the head
     /// read ahead when they lie in the bytes it holds, else through the helper, which gets
-    /// the same offset.
+    /// the same offset; within [`HEAD_BYTES`] but not held, past the packet's end (see
+    /// `load_fixed`).
     fn load_indirect(&mut self, k: i32, size: u8) {
         self.push(insn(E_ALU | E_MOV | E_SRC_X, R2, RX, 0, 0));
         self.push(insn(E_ALU | E_ADD, R2, 0, 0, k));
@@ -221,28 +259,32 @@ impl Emitter {
             self.local_jump(insn(E_JMP | E_JGT, R2, 0, 0, HEAD_BYTES - i32::from(size)));
         self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, R2, 0, 0));
         self.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(size)));
-        let past_read = self.local_jump(insn(E_JMP | E_JGT | E_SRC_X, R3, R9, 0, 0));
+        self.jump(
+            insn(E_JMP | E_JGT | E_SRC_X, R3, R9, 0, 0),
+            Target::Drop(self.program),
+        );
         // A variable stack offset, within the zeroed buffer (privileged programs only).
         self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, FP, 0, 0));
         self.push(insn(E_ALU64 | E_ADD | E_SRC_X, R3, R2, 0, 0));
-        self.head_bytes(R3, HEAD, size);
+        self.head_bytes(R3, PKT, size);
         let to_done = self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0));
         self.land(past_buffer);
-        self.land(past_read);
         self.load_packet(size);
         self.land(to_done);
     }
 
     /// X = 4 * (P[k] & 0xf), A kept: from the head read ahead when it holds byte `k`.
     fn load_msh(&mut self, k: i32) {
-        let mut to_done = None;
         if k < HEAD_BYTES {
-            let to_slow = self.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, k + 1));
-            self.push(insn(E_LDX | E_MEM | E_SZ_B, RX, FP, HEAD + k as i16, 0));
+            // Not held: past the packet's end (see `load_fixed`).
+            self.jump(
+                insn(E_JMP | E_JLT, R9, 0, 0, k + 1),
+                Target::Drop(self.program),
+            );
+            self.push(insn(E_LDX | E_MEM | E_SZ_B, RX, FP, PKT + k as i16, 0));
             self.push(insn(E_ALU | E_AND, RX, 0, 0, 0xf));
             self.push(insn(E_ALU | E_LSH, RX, 0, 0, 2));
-            to_done = Some(self.local_jump(insn(E_JMP | E_JA, 0, 0, 0, 0)));
-            self.land(to_slow);
+            return;
         }
         // Through A's register: keep A.
         self.push(insn(E_ALU64 | E_MOV | E_SRC_X, R4, RA, 0, 0));
@@ -253,9 +295,6 @@ impl Emitter {
         self.push(insn(E_ALU | E_LSH, RA, 0, 0, 2));
         self.push(insn(E_ALU64 | E_MOV | E_SRC_X, RX, RA, 0, 0));
         self.push(insn(E_LDX | E_MEM | E_SZ_DW, RA, FP, KEY, 0));
-        if let Some(at) = to_done {
-            self.land(at);
-        }
     }
 
     /// A = the `size` bytes at `base + off` on the stack, big-endian, byte by byte: the
@@ -345,7 +384,7 @@ pub fn translate_many_with(
     });
     // Read the head of the packet once: R9 = min(len, HEAD_BYTES) bytes at HEAD (zeroed
     // first, so the verifier knows it initialized); R9 = 0 if that fails.
-    for slot in 0..(HEAD_BYTES as i16 / 8) {
+    for slot in 0..HEAD_WORDS {
         e.push(insn(E_ST | E_MEM | E_SZ_DW, FP, 0, HEAD + slot * 8, 0));
     }
     e.load_skb(R9, SKB_LEN);
@@ -356,7 +395,7 @@ pub fn translate_many_with(
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R1, R6, 0, 0));
     e.push(insn(E_ALU64 | E_MOV, R2, 0, 0, 0));
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R3, FP, 0, 0));
-    e.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(HEAD)));
+    e.push(insn(E_ALU64 | E_ADD, R3, 0, 0, i32::from(PKT)));
     e.push(insn(E_ALU64 | E_MOV | E_SRC_X, R4, R9, 0, 0));
     e.push(insn(E_JMP | E_CALL, 0, 0, 0, HELPER_SKB_LOAD_BYTES));
     e.push(insn(E_JMP | E_JEQ, R0, 0, 1, 0));
@@ -385,14 +424,12 @@ pub fn translate_many_with(
         // packet whose protocol is not TCP is one it counts nothing of (anything else, a
         // VLAN-tagged frame or one too short to tell, goes on).
         let short = e.local_jump(insn(E_JMP | E_JLT, R9, 0, 0, 24));
-        e.push(insn(E_LDX | E_MEM | E_SZ_B, R1, FP, HEAD + 12, 0));
-        e.push(insn(E_ALU | E_LSH, R1, 0, 0, 8));
-        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 13, 0));
-        e.push(insn(E_ALU | E_OR | E_SRC_X, R1, R2, 0, 0));
-        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 23, 0));
+        e.push(insn(E_LDX | E_MEM | E_SZ_H, R1, FP, PKT + 12, 0));
+        e.push(insn(E_ALU | E_END | E_TO_BE, R1, 0, 0, 16));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, PKT + 23, 0));
         let ipv4 = e.local_jump(insn(E_JMP | E_JEQ, R1, 0, 0, 0x0800));
         let other = e.local_jump(insn(E_JMP | E_JNE, R1, 0, 0, 0x86dd));
-        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, HEAD + 20, 0));
+        e.push(insn(E_LDX | E_MEM | E_SZ_B, R2, FP, PKT + 20, 0));
         e.land(ipv4);
         not_tcp.push(e.local_jump(insn(E_JMP | E_JNE, R2, 0, 0, 6)));
         e.land(short);
@@ -829,6 +866,46 @@ mod tests {
         run_cases(
             &cases,
             &[1, 2, 20, 62, 63, 64, 126, 127, 128, 129, 130, 200],
+        );
+    }
+
+    /// `ld [k]` of each size at every alignment in the head and around its end, on packets
+    /// that end before, inside and after the bytes loaded: the same packets counted, the
+    /// same bytes loaded.
+    #[test]
+    fn fixed_loads_at_every_alignment_match_the_classic_program() {
+        if !testkit::require_root() {
+            return;
+        }
+        let mut cases = Vec::new();
+        for k in (0u32..=24).chain(120..=132) {
+            for size in [1u8, 2, 4] {
+                let code = LD | load_code(size) | ABS;
+                let want = classic_load(200, k, size).unwrap_or(0);
+                cases.push(Case {
+                    program: vec![f(code, 0, 0, k), f(RET | K, 0, 0, 1)],
+                    accepts: Box::new(move |len| classic_load(len, k, size).is_some()),
+                    what: format!("ld{size} [{k}]"),
+                });
+                cases.push(Case {
+                    program: vec![
+                        f(code, 0, 0, k),
+                        f(JMP | 0x10, 0, 1, want),
+                        f(RET | K, 0, 0, 1),
+                        f(RET | K, 0, 0, 0),
+                    ],
+                    accepts: Box::new(move |len| {
+                        classic_load(len, k, size).is_some_and(|a| a == want)
+                    }),
+                    what: format!("ld{size} [{k}] == {want:#x}"),
+                });
+            }
+        }
+        run_cases(
+            &cases,
+            &[
+                1, 2, 3, 6, 10, 13, 14, 15, 16, 18, 22, 106, 107, 116, 117, 118, 200,
+            ],
         );
     }
 
