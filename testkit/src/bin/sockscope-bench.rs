@@ -69,6 +69,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+impl Args {
+    /// [`Args::agent_args`] as the agent's command line takes them.
+    pub fn agent_argv(&self) -> Vec<&str> {
+        self.agent_args.iter().map(String::as_str).collect()
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Measures what the sockscope agent costs, in throwaway network namespaces")]
 pub struct Args {
@@ -117,6 +124,11 @@ pub struct Args {
     /// UDP datagrams per stream of the `filters` section (a quarter of it for full-MTU ones)
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     filter_packets: u64,
+    /// An argument for the agent of the `resets` and `churn` sections, repeatable (e.g.
+    /// `--agent-arg=--no-collector.listen`: what one collector's probes cost); their floor
+    /// then has the hooks of that agent
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Run only these sections, comma-separated (default: every section)
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -175,6 +187,12 @@ fn run(args: &Args) -> Result<Vec<String>> {
         args.agent.display(),
         args.rounds
     );
+    if !args.agent_args.is_empty() {
+        println!(
+            "agent arguments (resets, churn): {}",
+            args.agent_args.join(" ")
+        );
+    }
     let sections = if args.only.is_empty() {
         Section::value_variants().to_vec()
     } else {

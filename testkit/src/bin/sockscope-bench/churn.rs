@@ -161,7 +161,8 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let limit = Duration::from_secs(args.timeout);
     let lab = ChurnLab::new(n * (3 * u64::from(args.rounds) + 1))?;
     lab.round(n.min(WARMUP), limit).context("warm-up churn")?;
-    let hooks = agent_hooks(&lab.ns, &args.agent, AGENT_LISTEN).context("the agent's hooks")?;
+    let hooks = agent_hooks(&lab.ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)
+        .context("the agent's hooks")?;
     let (mut without, mut floor, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     for i in 0..args.rounds {
@@ -175,7 +176,8 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         }
         {
             // Stopped at the end of this block: a "without" round has no probes.
-            let agent = AgentProcess::start(&lab.ns, &args.agent, &[], AGENT_LISTEN)?;
+            let agent =
+                AgentProcess::start(&lab.ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)?;
             with.push(lab.checked_round(&agent, n, limit)?);
             foreign.extend(foreign_agents(Some(agent.pid())));
         }

@@ -90,15 +90,16 @@ pub fn print_round_ratios(label: &str, without: &[f64], with: &[f64], what: &str
     );
 }
 
-/// The hooks the agent attaches with its defaults in `ns`, read from an agent started for
+/// The hooks the agent attaches with `args` in `ns`, read from an agent started for
 /// the purpose and stopped again: where the floor rounds attach their empty programs.
 pub fn agent_hooks(
     ns: &testkit::Netns,
     agent: &std::path::Path,
+    args: &[&str],
     listen: std::net::SocketAddr,
 ) -> Result<testkit::AgentHooks> {
     let before = testkit::root_ingress_programs()?;
-    let agent = testkit::AgentProcess::start(ns, agent, &[], listen)?;
+    let agent = testkit::AgentProcess::start(ns, agent, args, listen)?;
     testkit::AgentHooks::of(agent.pid(), &before)
 }
 

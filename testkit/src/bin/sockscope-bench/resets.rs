@@ -49,7 +49,8 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let ns = Netns::new()?;
     let limit = Duration::from_secs(args.timeout);
     storm(&ns, args.connects.min(WARMUP), limit).context("warm-up storm")?;
-    let hooks = agent_hooks(&ns, &args.agent, AGENT_LISTEN).context("the agent's hooks")?;
+    let hooks = agent_hooks(&ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)
+        .context("the agent's hooks")?;
     let (mut without, mut floor, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     let mut kept = None;
@@ -64,7 +65,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
             without.push(storm(&ns, args.connects, limit)?);
             floor.push(floor_round(&ns, &hooks, args.connects, limit)?);
         }
-        let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
+        let agent = AgentProcess::start(&ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)?;
         with.push(with_round(&ns, &agent, args.connects, limit)?);
         foreign.extend(foreign_agents(Some(agent.pid())));
         if agent_first {
@@ -80,7 +81,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
         // The last round ended without the agent: one for the scrapes, its maps filled by
         // an untimed storm as long as a round (so its RSS is taken as late after start-up
         // as in the other case).
-        let agent = AgentProcess::start(&ns, &args.agent, &[], AGENT_LISTEN)?;
+        let agent = AgentProcess::start(&ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)?;
         storm(&ns, args.connects, limit).context("storm before the scrapes")?;
         kept = Some(agent);
     }
