@@ -7,10 +7,11 @@
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::cgroup_bpf::{
     ATTR_SIZE, BPF_CGROUP_INET_INGRESS, bpf, cgroup_ingress_programs, fd, insn, load_program,
@@ -151,7 +152,7 @@ impl EmptyPrograms {
 /// network namespace; closed on drop.
 #[derive(Debug)]
 pub struct EmptyTap {
-    _socket: OwnedFd,
+    _socket: Socket,
 }
 
 impl EmptyTap {
@@ -166,13 +167,12 @@ impl EmptyTap {
             return Err(std::io::Error::last_os_error()).context(format!("interface {iface}"));
         }
         // Protocol 0: nothing arrives before the filter is in and the socket is bound.
-        // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("packet socket");
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+        let socket = Socket::new(
+            Domain::from(libc::AF_PACKET),
+            Type::from(libc::SOCK_RAW),
+            None,
+        )
+        .context("packet socket")?;
         let prog_fd: libc::c_int = prog.as_raw_fd();
         // SAFETY: an int option of the size given.
         let rc = unsafe {
@@ -187,23 +187,21 @@ impl EmptyTap {
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("SO_ATTACH_BPF");
         }
-        // SAFETY: zeroed sockaddr_ll, then filled.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: a valid sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("binding a packet socket to {iface}"));
-        }
+        // SAFETY: the storage is zeroed and large enough for a sockaddr_ll, whose length
+        // is returned with it.
+        let ((), link) = unsafe {
+            SockAddr::try_init(|storage, len| {
+                let ll = storage.cast::<libc::sockaddr_ll>();
+                (*ll).sll_family = libc::AF_PACKET as u16;
+                (*ll).sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                (*ll).sll_ifindex = ifindex as i32;
+                *len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                Ok(())
+            })
+        }?;
+        socket
+            .bind(&link)
+            .with_context(|| format!("binding a packet socket to {iface}"))?;
         Ok(Self { _socket: socket })
     }
 }

@@ -802,6 +802,40 @@ mod tests {
         }
     }
 
+    /// Two cases for one load (`setup`, then `load` reading `size` bytes at packet offset
+    /// `off`): one counts the packets where the load succeeds, one those where it reads the
+    /// right bytes.
+    fn load_cases(
+        setup: &[libc::sock_filter],
+        load: libc::sock_filter,
+        off: u32,
+        size: u8,
+        what: &str,
+    ) -> [Case; 2] {
+        let want = classic_load(200, off, size).unwrap_or(0);
+        let program = |tail: &[libc::sock_filter]| -> Vec<libc::sock_filter> {
+            setup.iter().chain([&load]).chain(tail).copied().collect()
+        };
+        [
+            Case {
+                program: program(&[f(RET | K, 0, 0, 1)]),
+                accepts: Box::new(move |len| classic_load(len, off, size).is_some()),
+                what: what.to_owned(),
+            },
+            Case {
+                program: program(&[
+                    f(JMP | 0x10, 0, 1, want),
+                    f(RET | K, 0, 0, 1),
+                    f(RET | K, 0, 0, 0),
+                ]),
+                accepts: Box::new(move |len| {
+                    classic_load(len, off, size).is_some_and(|a| a == want)
+                }),
+                what: format!("{what} == {want:#x}"),
+            },
+        ]
+    }
+
     /// `ld [x + k]` from the head read ahead and through the helper, at the edges of the
     /// bytes held and of the buffer, with sums that wrap at 32 bits and ones the helper
     /// takes as negative: the same packets counted, the same bytes loaded.
@@ -834,33 +868,14 @@ mod tests {
         let mut cases = Vec::new();
         for size in [1u8, 2, 4] {
             for &(x, k) in offsets {
-                let off = x.wrapping_add(k);
-                let code = LD | load_code(size) | IND;
-                // Counts when the load succeeds.
-                cases.push(Case {
-                    program: vec![
-                        f(LDX | W | IMM, 0, 0, x),
-                        f(code, 0, 0, k),
-                        f(RET | K, 0, 0, 1),
-                    ],
-                    accepts: Box::new(move |len| classic_load(len, off, size).is_some()),
-                    what: format!("ld{size} [x + {k:#x}] with x = {x:#x}"),
-                });
-                // Counts when it loads the right bytes.
-                let want = classic_load(200, off, size).unwrap_or(0);
-                cases.push(Case {
-                    program: vec![
-                        f(LDX | W | IMM, 0, 0, x),
-                        f(code, 0, 0, k),
-                        f(JMP | 0x10, 0, 1, want),
-                        f(RET | K, 0, 0, 1),
-                        f(RET | K, 0, 0, 0),
-                    ],
-                    accepts: Box::new(move |len| {
-                        classic_load(len, off, size).is_some_and(|a| a == want)
-                    }),
-                    what: format!("ld{size} [x + {k:#x}] == {want:#x} with x = {x:#x}"),
-                });
+                let load = f(LD | load_code(size) | IND, 0, 0, k);
+                cases.extend(load_cases(
+                    &[f(LDX | W | IMM, 0, 0, x)],
+                    load,
+                    x.wrapping_add(k),
+                    size,
+                    &format!("ld{size} [x + {k:#x}] with x = {x:#x}"),
+                ));
             }
         }
         run_cases(
@@ -880,25 +895,8 @@ mod tests {
         let mut cases = Vec::new();
         for k in (0u32..=24).chain(120..=132) {
             for size in [1u8, 2, 4] {
-                let code = LD | load_code(size) | ABS;
-                let want = classic_load(200, k, size).unwrap_or(0);
-                cases.push(Case {
-                    program: vec![f(code, 0, 0, k), f(RET | K, 0, 0, 1)],
-                    accepts: Box::new(move |len| classic_load(len, k, size).is_some()),
-                    what: format!("ld{size} [{k}]"),
-                });
-                cases.push(Case {
-                    program: vec![
-                        f(code, 0, 0, k),
-                        f(JMP | 0x10, 0, 1, want),
-                        f(RET | K, 0, 0, 1),
-                        f(RET | K, 0, 0, 0),
-                    ],
-                    accepts: Box::new(move |len| {
-                        classic_load(len, k, size).is_some_and(|a| a == want)
-                    }),
-                    what: format!("ld{size} [{k}] == {want:#x}"),
-                });
+                let load = f(LD | load_code(size) | ABS, 0, 0, k);
+                cases.extend(load_cases(&[], load, k, size, &format!("ld{size} [{k}]")));
             }
         }
         run_cases(
@@ -946,22 +944,8 @@ mod tests {
             (127, 1),
             (128, 1),
         ] {
-            let want = classic_load(200, k, size).unwrap_or(0);
-            cases.push(Case {
-                program: vec![
-                    f(LD | load_code(size) | ABS, 0, 0, k),
-                    f(JMP | 0x10, 0, 1, want),
-                    f(RET | K, 0, 0, 1),
-                    f(RET | K, 0, 0, 0),
-                ],
-                accepts: Box::new(move |len| classic_load(len, k, size).is_some_and(|a| a == want)),
-                what: format!("ld{size} [{k}] == {want:#x}"),
-            });
-            cases.push(Case {
-                program: vec![f(LD | load_code(size) | ABS, 0, 0, k), f(RET | K, 0, 0, 1)],
-                accepts: Box::new(move |len| classic_load(len, k, size).is_some()),
-                what: format!("ld{size} [{k}]"),
-            });
+            let load = f(LD | load_code(size) | ABS, 0, 0, k);
+            cases.extend(load_cases(&[], load, k, size, &format!("ld{size} [{k}]")));
         }
         run_cases(&cases, &[1, 14, 15, 127, 128, 129, 130, 200]);
     }
