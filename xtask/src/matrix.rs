@@ -104,6 +104,9 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("promtool", &[]),
+    // The agent's own unit tests that load programs: the filter translation, run through
+    // each kernel's verifier and BPF_PROG_TEST_RUN.
+    ("unit", &["--test-threads=1", "filters::translate"]),
 ];
 
 /// How long one guest may take, boot to power-off.
@@ -415,6 +418,9 @@ fn build_tests() -> Result<Binaries> {
             let kind: Vec<String> = a.target.kind.iter().map(|k| k.to_string()).collect();
             if kind.iter().any(|k| k == "test") {
                 tests.insert(a.target.name.to_string(), exe.into_std_path_buf());
+            } else if kind.iter().any(|k| k == "lib") && a.profile.test {
+                // The library's unit tests: `unit` in GUEST_TESTS.
+                tests.insert("unit".to_owned(), exe.into_std_path_buf());
             } else if kind.iter().any(|k| k == "bin")
                 && a.target.name == "sockscope"
                 && !a.profile.test
