@@ -5,7 +5,7 @@
 //! cgroup links, a packet socket): dropping an [`EmptyPrograms`] or a [`EmptyTap`] detaches
 //! everything, also when a benchmark fails.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -37,9 +37,34 @@ pub fn cgroup2_root() -> Result<PathBuf> {
             let (left, right) = line.split_once(" - ")?;
             let mut fields = left.split_whitespace().skip(3);
             let (root, mountpoint) = (fields.next()?, fields.next()?);
-            (right.starts_with("cgroup2 ") && root == "/").then(|| PathBuf::from(mountpoint))
+            (right.starts_with("cgroup2 ") && root == "/")
+                .then(|| PathBuf::from(unescape_mount_field(mountpoint)))
         })
         .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space, `\011`, `\012`, `\134`)
+/// decoded.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal.and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `r0 = ret; exit`.
@@ -49,20 +74,28 @@ fn returning(ret: i32) -> [u64; 2] {
 
 /// The hooks a running agent has attached: the raw tracepoints it holds links to (BTF and
 /// raw tracepoint programs alike are raw tracepoint links, dispatched the same way) and
-/// whether it added a cgroup_skb ingress program at the cgroup root.
+/// whether it added a cgroup_skb ingress program at the cgroup root. Links of other kinds
+/// (fentry's `tracing`, a perf event's tracepoint) are counted, not reproduced: the floor
+/// then leaves them out and says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentHooks {
     /// Tracepoint names (`inet_sock_set_state`, …).
     pub tracepoints: BTreeSet<String>,
     /// A cgroup_skb ingress program at the [`cgroup2_root`].
     pub cgroup_ingress: bool,
+    /// Links the floor does not reproduce, by `link_type`.
+    pub skipped: BTreeMap<String, usize>,
+    /// Why the cgroup root's programs could not be compared, when they could not.
+    pub cgroup_unread: Option<String>,
 }
 
 impl AgentHooks {
     /// The hooks of the agent `pid`, given the root's cgroup ingress programs from before it
-    /// started (`root_before`, from [`root_ingress_programs`]).
-    pub fn of(pid: u32, root_before: &BTreeSet<u32>) -> Result<Self> {
+    /// started (`root_before`, from [`root_ingress_programs`]; an error there, e.g. no
+    /// cgroup v2, leaves the cgroup hook out of the floor and in [`Self::describe`]).
+    pub fn of(pid: u32, root_before: &Result<BTreeSet<u32>>) -> Result<Self> {
         let mut tracepoints = BTreeSet::new();
+        let mut skipped = BTreeMap::new();
         let dir = format!("/proc/{pid}/fdinfo");
         for entry in std::fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {
             let Ok(text) = std::fs::read_to_string(entry?.path()) else {
@@ -73,16 +106,25 @@ impl AgentHooks {
                     .find_map(|l| l.strip_prefix(name))
                     .map(|v| v.trim_start_matches(':').trim().to_owned())
             };
-            if field("link_type").as_deref() == Some("raw_tracepoint")
-                && let Some(name) = field("tp_name")
-            {
-                tracepoints.insert(name);
+            match (field("link_type"), field("tp_name")) {
+                (Some(kind), Some(name)) if kind == "raw_tracepoint" => {
+                    tracepoints.insert(name);
+                }
+                // The cgroup link is found at the root below.
+                (Some(kind), _) if kind != "cgroup" => *skipped.entry(kind).or_insert(0) += 1,
+                _ => {}
             }
         }
-        let now = root_ingress_programs()?;
+        let (cgroup_ingress, cgroup_unread) = match (root_before, root_ingress_programs()) {
+            (Ok(before), Ok(now)) => (now.difference(before).next().is_some(), None),
+            (Err(e), _) => (false, Some(format!("{e:#}"))),
+            (_, Err(e)) => (false, Some(format!("{e:#}"))),
+        };
         Ok(Self {
             tracepoints,
-            cgroup_ingress: now.difference(root_before).next().is_some(),
+            cgroup_ingress,
+            skipped,
+            cgroup_unread,
         })
     }
 
@@ -92,6 +134,17 @@ impl AgentHooks {
         let mut s = format!("raw tracepoints {}", names.join(", "));
         if self.cgroup_ingress {
             s.push_str("; cgroup_skb ingress at the cgroup root");
+        }
+        if let Some(why) = &self.cgroup_unread {
+            s.push_str(&format!(
+                "; no cgroup_skb program, the cgroup root unread: {why}"
+            ));
+        }
+        if !self.skipped.is_empty() {
+            let kinds: Vec<String> = (self.skipped.iter())
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            s.push_str(&format!("; left out: {} links", kinds.join(", ")));
         }
         s
     }
@@ -203,5 +256,19 @@ impl EmptyTap {
             .bind(&link)
             .with_context(|| format!("binding a packet socket to {iface}"))?;
         Ok(Self { _socket: socket })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mount_field;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mount_field("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape_mount_field("/mnt/a\\040b\\011c"), "/mnt/a b\tc");
+        assert_eq!(unescape_mount_field("/x\\134y"), "/x\\y");
+        // Not an escape: kept as it is.
+        assert_eq!(unescape_mount_field("/x\\9y\\"), "/x\\9y\\");
     }
 }

@@ -125,8 +125,9 @@ pub struct Args {
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     filter_packets: u64,
     /// An argument for the agent of the `resets` and `churn` sections, repeatable (e.g.
-    /// `--agent-arg=--no-collector.listen`: what one collector's probes cost); their floor
-    /// then has the hooks of that agent
+    /// `--agent-arg=--no-collector.listen`: what one collector's probes cost; churn then
+    /// checks its rounds against `TcpPassiveOpens` only); their floor then has the hooks of
+    /// that agent
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
     /// Run only these sections, comma-separated (default: every section)
