@@ -58,7 +58,8 @@ pub use rtnl::{LinkStatus, RouteVia, VethPair};
 pub use scenarios::{
     AcceptOverflow, AckStageOverflow, AckStageParams, ClientStates, LAB_CLIENT_V4, LAB_CLIENT_V6,
     LAB_SERVER_V4, LAB_SERVER_V6, LAB_SPOOFED_V4, LAB_SPOOFED_V6, SynQueueFill, SynQueueParams,
-    VethLab, accept_overflow, ack_stage_overflow, connect_many, listen_on, syn_queue_fill,
+    TooSlow, VethLab, accept_overflow, ack_stage_overflow, connect_many, listen_on,
+    retry_if_too_slow, syn_queue_fill,
 };
 pub use sockets::{TcpSocket, TcpState};
 pub use synflood::{SourceSpec, SynFloodOptions, syn_flood};
