@@ -96,6 +96,7 @@ impl AgentHooks {
     pub fn of(pid: u32, root_before: &Result<BTreeSet<u32>>) -> Result<Self> {
         let mut tracepoints = BTreeSet::new();
         let mut skipped = BTreeMap::new();
+        let mut cgroup_links = 0;
         let dir = format!("/proc/{pid}/fdinfo");
         for entry in std::fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {
             let Ok(text) = std::fs::read_to_string(entry?.path()) else {
@@ -111,7 +112,8 @@ impl AgentHooks {
                     tracepoints.insert(name);
                 }
                 // The cgroup link is found at the root below.
-                (Some(kind), _) if kind != "cgroup" => *skipped.entry(kind).or_insert(0) += 1,
+                (Some(kind), _) if kind == "cgroup" => cgroup_links += 1,
+                (Some(kind), _) => *skipped.entry(kind).or_insert(0) += 1,
                 _ => {}
             }
         }
@@ -120,6 +122,9 @@ impl AgentHooks {
             (Err(e), _) => (false, Some(format!("{e:#}"))),
             (_, Err(e)) => (false, Some(format!("{e:#}"))),
         };
+        if cgroup_unread.is_some() && cgroup_links > 0 {
+            skipped.insert("cgroup".to_owned(), cgroup_links);
+        }
         Ok(Self {
             tracepoints,
             cgroup_ingress,

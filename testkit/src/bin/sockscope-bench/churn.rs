@@ -109,14 +109,20 @@ impl ChurnLab {
     }
 
     /// A round with the agent running, checked: the agent's handshake delta for the
-    /// listener (when its `listen` collector runs) and the namespace's `TcpPassiveOpens`
-    /// delta must both equal the connections.
-    pub fn checked_round(&self, agent: &AgentProcess, n: u64, limit: Duration) -> Result<Checked> {
+    /// listener and the namespace's `TcpPassiveOpens` delta must both equal the connections.
+    /// `listen_expected` is false when the agent was told `--no-collector.listen`: then only
+    /// `TcpPassiveOpens` is compared, and otherwise a missing collector is a mismatch.
+    pub fn checked_round(
+        &self,
+        agent: &AgentProcess,
+        n: u64,
+        limit: Duration,
+        listen_expected: bool,
+    ) -> Result<Checked> {
         let listener = self.listener()?;
         let port = listener.local_addr()?.port();
         let scrape0 = agent.scrape()?;
-        // `--no-collector.listen` (through `--agent-arg`): no handshakes to compare. A
-        // registered collector has its error counter from the first scrape on.
+        // A registered collector has its error counter from the first scrape on.
         let listen_on = scrape0
             .get(
                 "sockscope_collector_errors_total",
@@ -136,6 +142,7 @@ impl ChurnLab {
         Ok(Checked {
             round,
             counted,
+            listen_expected,
             opens,
             cpu,
         })
@@ -145,8 +152,10 @@ impl ChurnLab {
 /// A with-agent round and what was counted in it.
 pub struct Checked {
     pub round: Round,
-    /// The agent's handshakes for the listener; `None` when its `listen` collector is off.
+    /// The agent's handshakes for the listener; `None` when it has no `listen` collector.
     pub counted: Option<u64>,
+    /// Whether the agent was to have a `listen` collector.
+    pub listen_expected: bool,
     /// The namespace's `TcpPassiveOpens` delta (our scrapes are not in the round).
     pub opens: u64,
     /// The agent's CPU time during the round.
@@ -157,10 +166,18 @@ impl Checked {
     /// A description of the mismatch, if the counts are not all equal to the connections.
     pub fn mismatch(&self, who: &str, i: usize) -> Option<String> {
         let n = self.round.connections;
-        let counted = self.counted.unwrap_or(n);
-        (counted != n || self.opens != n).then(|| {
+        let counted = match self.counted {
+            Some(c) => format!("{c} handshakes counted"),
+            None if self.listen_expected => "no listen collector, handshakes not counted".into(),
+            None => "handshakes not compared (--no-collector.listen)".into(),
+        };
+        let handshakes_ok = match self.counted {
+            Some(c) => c == n,
+            None => !self.listen_expected,
+        };
+        (!handshakes_ok || self.opens != n).then(|| {
             format!(
-                "{who} round {}: {counted} handshakes counted, TcpPassiveOpens rose by {}, {n} connections",
+                "{who} round {}: {counted}, TcpPassiveOpens rose by {}, {n} connections",
                 i + 1,
                 self.opens
             )
@@ -176,6 +193,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     lab.round(n.min(WARMUP), limit).context("warm-up churn")?;
     let hooks = agent_hooks(&lab.ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)
         .context("the agent's hooks")?;
+    let listen_expected = !args.agent_args.iter().any(|a| a == "--no-collector.listen");
     let (mut without, mut floor, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut foreign = BTreeSet::new();
     for i in 0..args.rounds {
@@ -191,7 +209,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
             // Stopped at the end of this block: a "without" round has no probes.
             let agent =
                 AgentProcess::start(&lab.ns, &args.agent, &args.agent_argv(), AGENT_LISTEN)?;
-            with.push(lab.checked_round(&agent, n, limit)?);
+            with.push(lab.checked_round(&agent, n, limit, listen_expected)?);
             foreign.extend(foreign_agents(Some(agent.pid())));
         }
         if agent_first {

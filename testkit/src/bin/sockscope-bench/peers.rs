@@ -181,7 +181,7 @@ fn churn_side_by_side(args: &Args, bpftrace: &Found) -> Result<Vec<String>> {
         without.push(lab.round(n, limit)?);
         {
             let agent = AgentProcess::start(&lab.ns, &args.agent, &[], AGENT_LISTEN)?;
-            let checked = lab.checked_round(&agent, n, limit)?;
+            let checked = lab.checked_round(&agent, n, limit, true)?;
             broken.extend(checked.mismatch("peers churn", agent_rounds.len()));
             agent_rounds.push(checked.round);
             foreign.extend(foreign_agents(Some(agent.pid())));
