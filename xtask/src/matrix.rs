@@ -55,7 +55,8 @@ const MODULE_GLOBS: &[&str] = &[
 
 /// The integration test binaries run in the guests, with libtest arguments (one test at a
 /// time: an emulated CPU shared by two agents and a flood misses start-up deadlines). Chosen
-/// for the time budget (the matrix must add under 5 minutes on 2 cores under emulation):
+/// for the time budget (the matrix should add about 5 minutes on 2 cores under emulation;
+/// 8 on a busy host, the guests running side by side):
 /// every reset test, the listen tests whose figures depend on the kernel (SYN-queue
 /// comparison, cookies, accept-queue overflow, sock_diag gauges), and the TIME_WAIT entry
 /// tests (the hash-chain walk depends on the kernel's layout).
