@@ -111,7 +111,7 @@ impl ChurnLab {
     /// A round with the agent running, checked: the agent's handshake delta for the
     /// listener and the namespace's `TcpPassiveOpens` delta must both equal the connections.
     /// `listen_expected` is false when the agent was told `--no-collector.listen`: then only
-    /// `TcpPassiveOpens` is compared, and otherwise a missing collector is a mismatch.
+    /// `TcpPassiveOpens` is compared (otherwise a missing collector counts 0, a mismatch).
     pub fn checked_round(
         &self,
         agent: &AgentProcess,
@@ -121,28 +121,19 @@ impl ChurnLab {
     ) -> Result<Checked> {
         let listener = self.listener()?;
         let port = listener.local_addr()?.port();
-        let scrape0 = agent.scrape()?;
-        // A registered collector has its error counter from the first scrape on.
-        let listen_on = scrape0
-            .get(
-                "sockscope_collector_errors_total",
-                &[("collector", "listen")],
-            )
-            .is_some();
-        let agent0 = self.handshakes(&scrape0, port);
+        let agent0 = self.handshakes(&agent.scrape()?, port);
         let opens0 = self.ns.counters()?.get("TcpPassiveOpens")?;
         let cpu0 = cpu_time(agent.pid())?;
         let round = self.round_on(&listener, n, limit)?;
         let cpu = cpu_time(agent.pid())?.saturating_sub(cpu0);
         let opens = self.ns.counters()?.get("TcpPassiveOpens")? - opens0;
-        let counted = listen_on
+        let counted = listen_expected
             .then(|| agent.scrape())
             .transpose()?
             .map(|m| (self.handshakes(&m, port) - agent0).max(0.0) as u64);
         Ok(Checked {
             round,
             counted,
-            listen_expected,
             opens,
             cpu,
         })
@@ -152,10 +143,8 @@ impl ChurnLab {
 /// A with-agent round and what was counted in it.
 pub struct Checked {
     pub round: Round,
-    /// The agent's handshakes for the listener; `None` when it has no `listen` collector.
+    /// The agent's handshakes for the listener; `None` under `--no-collector.listen`.
     pub counted: Option<u64>,
-    /// Whether the agent was to have a `listen` collector.
-    pub listen_expected: bool,
     /// The namespace's `TcpPassiveOpens` delta (our scrapes are not in the round).
     pub opens: u64,
     /// The agent's CPU time during the round.
@@ -166,16 +155,11 @@ impl Checked {
     /// A description of the mismatch, if the counts are not all equal to the connections.
     pub fn mismatch(&self, who: &str, i: usize) -> Option<String> {
         let n = self.round.connections;
-        let counted = match self.counted {
-            Some(c) => format!("{c} handshakes counted"),
-            None if self.listen_expected => "no listen collector, handshakes not counted".into(),
-            None => "handshakes not compared (--no-collector.listen)".into(),
-        };
-        let handshakes_ok = match self.counted {
-            Some(c) => c == n,
-            None => !self.listen_expected,
-        };
-        (!handshakes_ok || self.opens != n).then(|| {
+        let counted = self.counted.map_or_else(
+            || "handshakes not compared (--no-collector.listen)".to_owned(),
+            |c| format!("{c} handshakes counted"),
+        );
+        (self.counted.is_some_and(|c| c != n) || self.opens != n).then(|| {
             format!(
                 "{who} round {}: {counted}, TcpPassiveOpens rose by {}, {n} connections",
                 i + 1,
@@ -283,7 +267,7 @@ pub fn run(args: &Args) -> Result<Vec<String>> {
     let broken: Vec<String> = (with.iter().enumerate())
         .filter_map(|(i, w)| w.mismatch("churn", i))
         .collect();
-    if broken.is_empty() && with.iter().any(|w| w.counted.is_none()) {
+    if broken.is_empty() && !listen_expected {
         println!(
             "{:<17}exact: TcpPassiveOpens = connections in every round (the agent's listen \
              collector is off: no handshakes to compare)",
